@@ -1,0 +1,241 @@
+"""Tests for vqvae.py: the quantizer's math against hand computations, the codes contract, the command line."""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import vqvae
+from vqvae import Config, VectorQuantizer, VQVAE
+
+TINY = dict(hidden=16, res_hidden=8, n_res=1, codebook_size=16, code_dim=4, batch_size=16, max_steps=6,
+            eval_every=3, sample_every=3, log_every=2, fid_samples=0, n_samples=16, restart_after=20)
+TINY_ARGS = [a for k, v in TINY.items() for a in (f"--{k}", v)]
+
+
+def tiny(tmp_path, root, **kw):
+    return Config(**{**TINY, "data_dir": str(root), "out_dir": str(tmp_path / "run"), **kw})
+
+
+def test_nearest_code_matches_brute_force():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(K=10, d=3, beta=0.25, ema=False, decay=0.99, restart_after=0)
+    z = torch.randn(40, 3)
+    brute = [min(range(10), key=lambda k: sum((z[i, j].item() - vq.codebook[k, j].item()) ** 2 for j in range(3)))
+             for i in range(40)]
+    assert vq.nearest(z).tolist() == brute
+
+
+@pytest.mark.parametrize("ema", [False, True])
+def test_straight_through_and_loss_gradients(ema):
+    torch.manual_seed(1)
+    beta, K, d = 0.25, 5, 3
+    vq = VectorQuantizer(K, d, beta, ema=ema, decay=0.99, restart_after=0).eval()
+    z = torch.randn(2, d, 3, 3, requires_grad=True)
+    z_q, codes, loss, _ = vq(z)
+    g = torch.randn_like(z_q)  # stands for the decoder's gradient at its input
+    ((z_q * g).sum() + loss).backward()
+    e = vq.codebook.detach()[codes].permute(0, 3, 1, 2)  # the chosen codes, [B, d, H, W]
+    assert torch.allclose(z_q, e)  # forward value is the code
+    n = z.numel()
+    # encoder side: decoder gradient passed straight through + beta * d/dz ||z - sg(e)||^2 (mean over n)
+    assert torch.allclose(z.grad, g + beta * 2 * (z.detach() - e) / n, atol=1e-6)
+    if ema:
+        assert vq.codebook.grad is None  # the EMA codebook takes no gradient at all
+        return
+    # codebook side: only d/de ||sg(z) - e||^2, without beta and without the decoder's gradient
+    expect = torch.zeros(K, d)
+    zf, cf = z.detach().permute(0, 2, 3, 1).reshape(-1, d), codes.reshape(-1)
+    for i in range(len(zf)):
+        expect[cf[i]] += 2 * (vq.codebook[cf[i]].detach() - zf[i]) / n
+    assert torch.allclose(vq.codebook.grad, expect, atol=1e-6)
+
+
+def test_ema_update_equals_hand_computation():
+    gamma, eps = 0.9, 1e-5
+    vq = VectorQuantizer(K=3, d=2, beta=0.25, ema=True, decay=gamma, restart_after=0, eps=eps).train()
+    e0 = [[0.0, 0.0], [1.0, 1.0], [5.0, 5.0]]
+    vq.codebook.data = torch.tensor(e0)
+    vq.ema_sum.copy_(vq.codebook)
+    zs = [[0.1, -0.1], [0.2, 0.0], [1.2, 0.8], [0.9, 1.3]]  # two go to code 0, two to code 1, none to code 2
+    vq(torch.tensor(zs).view(1, 2, 2, 2).permute(0, 3, 1, 2))  # [1, d=2, 2, 2]; row-major positions = zs
+    n = [2, 2, 0]
+    s = [[0.3, -0.1], [2.1, 2.1], [0.0, 0.0]]
+    N = [gamma * 1 + (1 - gamma) * n[k] for k in range(3)]
+    m = [[gamma * e0[k][j] + (1 - gamma) * s[k][j] for j in range(2)] for k in range(3)]
+    total = sum(N)
+    N_s = [(N[k] + eps) / (total + 3 * eps) * total for k in range(3)]  # Laplace smoothing
+    expect = [[m[k][j] / N_s[k] for j in range(2)] for k in range(3)]
+    assert torch.allclose(vq.ema_count, torch.tensor(N))
+    assert torch.allclose(vq.codebook, torch.tensor(expect), atol=1e-6)
+
+
+@pytest.mark.parametrize("ema", [False, True])
+def test_dead_code_is_reseeded_from_encoder_outputs(ema):
+    vq = VectorQuantizer(K=4, d=2, beta=0.25, ema=ema, decay=0.99, restart_after=2).train()
+    vq.codebook.data = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [100.0, 100.0]])
+    vq.ema_sum.copy_(vq.codebook)
+    z = torch.tensor([[0.1, 0.0], [0.9, 0.1], [0.0, 0.8], [0.5, 0.6]]).t().reshape(1, 2, 2, 2)
+    rows = z.permute(0, 2, 3, 1).reshape(-1, 2)
+    vq.unused_steps.zero_()  # (a fresh quantizer counts every code as dead: the first batch seeds them)
+    vq(z)
+    assert vq.codebook[3].tolist() == [100.0, 100.0] or ema  # one unused step: not yet dead
+    assert vq.unused_steps[3] == 1
+    vq(z)  # second unused step: re-seeded from one of this batch's vectors
+    assert any(torch.allclose(vq.codebook[3], r) for r in rows)
+    assert vq.unused_steps[3] == 0 and vq.unused_steps[:3].tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize("dataset,channels,size,grid", [("mnist", 1, 28, 8), ("cifar10", 3, 32, 4)])
+def test_decode_codes_equals_reconstruction(dataset, channels, size, grid):
+    torch.manual_seed(0)
+    model = VQVAE(Config(dataset=dataset, grid=grid, **{k: TINY[k] for k in ("hidden", "res_hidden", "n_res",
+                                                                              "codebook_size", "code_dim")}),
+                  channels, size).eval()
+    x = torch.randint(0, 256, (5, channels, size, size), dtype=torch.uint8)
+    codes = model.encode_codes(x)
+    assert codes.shape == (5, grid, grid) and codes.dtype == torch.int64
+    images = model.decode_codes(codes)
+    assert images.shape == (5, channels, size, size) and images.min() >= 0 and images.max() <= 1
+    x_hat, codes_st, _, _ = model.reconstruct(x)  # the training path (straight-through, then decoder)
+    assert torch.equal(codes_st, codes)
+    assert torch.allclose(images, ((x_hat + 1) / 2).clamp(0, 1), atol=1e-5)
+    assert torch.allclose(model.decode_codes(codes.to(torch.int16)), images)  # the dtype codes.pt stores
+
+
+def test_train_in_process_writes_codes_contract(tmp_path, data_dir):
+    cfg = tiny(tmp_path, data_dir, dataset="mnist")
+    res = vqvae.train(cfg)
+    out = tmp_path / "run"
+    for f in ("ckpt.pt", "codes.pt", "recon.png", "samples_independent.png", "loss.png", "log.txt",
+              "results.json", "samples.npz"):
+        assert (out / f).is_file(), f
+    saved = json.loads((out / "results.json").read_text())
+    for k in ("test_bpd", "test_bpd_kind", "fid", "precision", "recall", "fid_features", "train_images_per_s",
+              "sample_images_per_s", "steps", "wall_s", "device", "config", "test_mse", "test_psnr_db",
+              "codes_used", "code_perplexity"):
+        assert k in saved and k in res, k
+    assert saved["steps"] == 6 and 0 < saved["test_mse"] < 1 and math.isfinite(saved["test_psnr_db"])
+    assert 1 <= saved["codes_used"] <= 16 and 1 <= saved["code_perplexity"] <= saved["codes_used"] + 1e-6
+    codes = torch.load(out / "codes.pt", weights_only=True)
+    assert codes["format"] == "vqvae-codes-v1" and codes["dataset"] == "mnist"
+    assert codes["codebook_size"] == 16 and codes["grid"] == [8, 8] and codes["train_flip"] is None
+    assert codes["train"].shape == (512, 8, 8) and codes["test"].shape == (256, 8, 8)
+    assert codes["train"].dtype == torch.int16 and codes["train_labels"].dtype == torch.int64
+    assert codes["vqvae_sha256"] == vqvae.file_fingerprint(out / "ckpt.pt")
+    assert codes["vqvae_ckpt"] == str((out / "ckpt.pt").resolve())
+    x_test, y_test = vqvae.load_split("mnist", str(data_dir), train=False)
+    assert torch.equal(codes["test_labels"], y_test)
+    model = vqvae.load_vqvae(codes["vqvae_ckpt"], "cpu")  # round trip: the checkpoint re-encodes the same codes
+    assert not model.training
+    assert torch.equal(model.encode_codes(x_test).to(torch.int16), codes["test"])
+    npz = np.load(out / "samples.npz")
+    assert npz["independent"].dtype == np.uint8 and npz["independent"].shape == (16, 1, 28, 28)
+
+
+def test_first_batch_seeds_the_codebook():
+    vq = VectorQuantizer(K=8, d=2, beta=0.25, ema=True, decay=0.99, restart_after=5).train()
+    z = torch.randn(1, 2, 4, 4) + 10  # far from the initial codebook: all 16 vectors pick the same code
+    vq(z)
+    rows = z.permute(0, 2, 3, 1).reshape(-1, 2)
+    seeded = [k for k in range(8) if any(torch.allclose(vq.codebook[k], r) for r in rows)]
+    assert len(seeded) == 7  # every code the batch did not use now sits on one of its vectors
+
+
+def test_training_learns_and_uses_codes(tmp_path, data_dir):
+    cfg = tiny(tmp_path, data_dir, dataset="mnist", max_steps=100, batch_size=32, lr=3e-3, hidden=32,
+               res_hidden=16, code_dim=8, grid=4, eval_every=1000, sample_every=1000, log_every=1000)
+    x_train, _ = vqvae.load_split("mnist", str(data_dir), train=True)
+    x_test, _ = vqvae.load_split("mnist", str(data_dir), train=False)
+    torch.manual_seed(cfg.seed)
+    untrained = vqvae.evaluate(VQVAE(cfg, 1, 28), x_test)[0]["test_mse"]
+    res = vqvae.train(cfg)
+    mean_image = x_train.float().mean(0) / 255  # the best reconstruction that ignores its input
+    assert res["test_mse"] < 0.25 * untrained
+    assert res["test_mse"] < 1.3 * ((x_test.float() / 255 - mean_image) ** 2).mean().item()
+    assert res["codes_used"] >= 4 and res["code_perplexity"] > 2
+
+
+@pytest.mark.slow
+def test_real_mnist_short_run(tmp_path):
+    res = vqvae.train(Config(dataset="mnist", data_dir=str(Path(__file__).resolve().parents[2] / "shared" / "data"),
+                             out_dir=str(tmp_path / "run"), hidden=64, res_hidden=32, batch_size=64,
+                             max_steps=300, lr=2e-3, eval_every=1000, sample_every=1000, fid_samples=0))
+    assert res["test_mse"] < 0.015 and res["codes_used"] > 100  # a CPU run had train mse 0.0067 at step 300
+
+
+def test_cli_fashion_flip_codes_resume_and_eval_only(tmp_path, data_dir, cli):
+    out = tmp_path / "run"
+    base = ["--dataset", "fashion", "--data_dir", data_dir, "--out_dir", out, *TINY_ARGS]
+    r = cli("vqvae.py", *base, "--max_steps", 4)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1].startswith("FINAL vqvae fashion test_mse=")
+    codes = torch.load(out / "codes.pt", weights_only=True)
+    x_train, _ = vqvae.load_split("fashion", str(data_dir), train=True)
+    model = vqvae.load_vqvae(out / "ckpt.pt", "cpu")
+    assert torch.equal(model.encode_codes(x_train.flip(-1)).to(torch.int16), codes["train_flip"])
+    r = cli("vqvae.py", *base, "--max_steps", 6, "--resume", "true")  # continues from step 4
+    assert r.returncode == 0, r.stderr
+    assert "step 6/6" in r.stdout and "step 2/6" not in r.stdout
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 6
+    sha = vqvae.file_fingerprint(out / "ckpt.pt")
+    (out / "codes.pt").unlink()
+    r = cli("vqvae.py", *base, "--eval_only", "1", "--write_codes", "yes")
+    assert r.returncode == 0, r.stderr
+    assert vqvae.file_fingerprint(out / "ckpt.pt") == sha  # evaluation never rewrites the checkpoint
+    assert torch.load(out / "codes.pt", weights_only=True)["vqvae_sha256"] == sha
+    r = cli("vqvae.py", *base, "--eval_only", "1", "--dataset", "mnist")
+    assert r.returncode != 0 and "vqvae.py: error:" in r.stderr and "fashion" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_errors_are_one_line(tmp_path, data_dir):
+    def fails(match, **kw):
+        with pytest.raises(SystemExit, match=match):
+            vqvae.train(tiny(tmp_path, data_dir, dataset="mnist", **kw))
+    fails("no checkpoint at", resume=True)
+    fails("no checkpoint at", eval_only=True, write_codes=True)
+    fails("codebook_size must be in 2..", codebook_size=2 ** 31)
+    fails("--grid must be", grid=3)
+    fails("bfloat16 needs a CUDA device", dtype="bfloat16", device="cpu")
+    fails("cannot load mnist from --data_dir", data_dir=str(tmp_path / "nowhere"))
+    (tmp_path / "run").mkdir(exist_ok=True)
+    (tmp_path / "run" / "ckpt.pt").write_bytes(b"not a checkpoint")
+    fails("cannot read checkpoint", resume=True)
+    with pytest.raises(SystemExit, match="cannot read checkpoint"):
+        vqvae.load_vqvae(tmp_path / "run" / "ckpt.pt", "cpu")
+    with pytest.raises(SystemExit, match="no checkpoint at"):
+        vqvae.load_vqvae(tmp_path / "missing.pt", "cpu")
+
+
+def test_resume_guards_architecture_and_keeps_good_checkpoint_on_nan(tmp_path, data_dir):
+    vqvae.train(tiny(tmp_path, data_dir, dataset="mnist", max_steps=3))
+    ckpt = tmp_path / "run" / "ckpt.pt"
+    sha = vqvae.file_fingerprint(ckpt)
+    with pytest.raises(SystemExit, match="codebook_size=16"):
+        vqvae.train(tiny(tmp_path, data_dir, dataset="mnist", max_steps=6, resume=True, codebook_size=32))
+    with pytest.raises(SystemExit, match="trained on mnist, not --dataset fashion"):
+        vqvae.train(tiny(tmp_path, data_dir, dataset="fashion", max_steps=6, resume=True))
+    with pytest.raises(SystemExit, match="not finite.*last good checkpoint"):
+        vqvae.train(tiny(tmp_path, data_dir, dataset="mnist", max_steps=60, resume=True, lr=1e30, eval_every=1))
+    assert vqvae.file_fingerprint(ckpt) == sha
+
+
+def test_parse_args():
+    cfg = vqvae.parse_args(["--ema", "no", "--grid=4", "--dataset", "cifar10", "--lr", "3e-4"])
+    assert cfg.ema is False and cfg.grid == 4 and cfg.dataset == "cifar10" and cfg.lr == 3e-4
+    with pytest.raises(SystemExit):
+        vqvae.parse_args(["--dataset", "imagenet"])
+
+
+def test_cli_with_metrics(tmp_path, data_dir, cli):
+    pytest.importorskip("metrics")
+    out = tmp_path / "run"
+    r = cli("vqvae.py", "--dataset", "mnist", "--data_dir", data_dir, "--out_dir", out, *TINY_ARGS,
+            "--fid_samples", 64)
+    assert r.returncode == 0, r.stderr
+    res = json.loads((out / "results.json").read_text())
+    assert math.isfinite(res["fid"]) and res["fid"] >= 0 and math.isfinite(res["fid_independent"])
+    assert 0 <= res["precision"] <= 1 and 0 <= res["recall"] <= 1
