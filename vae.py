@@ -91,7 +91,7 @@ def check_config(cfg):
         fail(f"unknown likelihood {cfg.likelihood!r}; expected one of {', '.join(LIKELIHOODS)}")
     if cfg.binarize and cfg.likelihood != "bernoulli":
         fail(f"--binarize needs --likelihood bernoulli (got {cfg.likelihood})")
-    if cfg.dtype == "bfloat16" and not cfg.device.startswith("cuda") and not (cfg.device == "auto" and torch.cuda.is_available()):
+    if cfg.dtype == "bfloat16" and pick_device(cfg.device).type != "cuda":
         fail("--dtype bfloat16 is autocast on CUDA; use --dtype float32 on this device")
 
 
@@ -100,16 +100,16 @@ def check_config(cfg):
 class VAE(nn.Module):
     def __init__(self, cfg, channels, size):
         super().__init__()
-        self.cfg, self.C, self.S = cfg, channels, size
+        self.cfg = cfg
         h, s4 = cfg.hidden, size // 4  # two stride-2 convs: 28 -> 14 -> 7, 32 -> 16 -> 8
-        self.n_out = {"bernoulli": 1, "gaussian_fixed_sigma": 1, "gaussian_learned_sigma": 1, "logistic": 2}[cfg.likelihood]
+        n_out = 2 if cfg.likelihood == "logistic" else 1  # logistic: mean and log-scale per pixel
         self.encoder = nn.Sequential(
             nn.Conv2d(channels, h, 4, 2, 1), nn.SiLU(), nn.Conv2d(h, 2 * h, 4, 2, 1), nn.SiLU(),
             nn.Flatten(), nn.Linear(2 * h * s4 * s4, 512), nn.SiLU(), nn.Linear(512, 2 * cfg.latent_dim))
         self.decoder = nn.Sequential(
             nn.Linear(cfg.latent_dim, 512), nn.SiLU(), nn.Linear(512, 2 * h * s4 * s4), nn.SiLU(),
             nn.Unflatten(1, (2 * h, s4, s4)), nn.ConvTranspose2d(2 * h, h, 4, 2, 1), nn.SiLU(),
-            nn.ConvTranspose2d(h, channels * self.n_out, 4, 2, 1))
+            nn.ConvTranspose2d(h, channels * n_out, 4, 2, 1))
         if cfg.likelihood == "gaussian_learned_sigma":  # one sigma per channel (an unused parameter breaks DDP)
             self.log_sigma = nn.Parameter(torch.full((channels,), math.log(0.1)))
 
@@ -148,10 +148,8 @@ class VAE(nn.Module):
     def log_weights(self, x, eps):
         """log w_k = log p(x|z_k) + log p(z_k) - log q(z_k|x), z_k = mu + sigma * eps[k]; eps: [K, B, latent]."""
         mu, logvar = self.encode(x)
-        std = torch.exp(0.5 * logvar)
-        z = mu + std * eps  # [K, B, latent]
-        out = self.decoder(z.flatten(0, 1))
-        rec = self.log_px_given_z(x.repeat(eps.shape[0], 1, 1, 1), out).view(eps.shape[:2])
+        z = mu + torch.exp(0.5 * logvar) * eps  # [K, B, latent]
+        rec = self.log_px_given_z(x.repeat(len(eps), 1, 1, 1), self.decoder(z.flatten(0, 1))).view(eps.shape[:2])
         log_pz = -0.5 * (z ** 2 + math.log(2 * math.pi)).sum(-1)
         log_qz = (-0.5 * eps ** 2 - 0.5 * logvar - 0.5 * math.log(2 * math.pi)).sum(-1)
         return rec + log_pz - log_qz  # [K, B]
@@ -210,9 +208,8 @@ def to_input(x_uint8, cfg, generator=None):
     return torch.bernoulli(x, generator=generator) if cfg.binarize else x
 
 
-def random_flip(x, generator):
-    flip = torch.rand(x.shape[0], 1, 1, 1, device=x.device, generator=generator) < 0.5
-    return torch.where(flip, x.flip(3), x)
+def random_flip(x, generator):  # on the device, half of the batch mirrored left-right
+    return torch.where(torch.rand(len(x), 1, 1, 1, device=x.device, generator=generator) < 0.5, x.flip(3), x)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -222,16 +219,16 @@ def evaluate(model, x_test, cfg, final=False):
     """Test-set ELBO terms in nats per image (beta = 1); at the end also IWAE, bpd, active units, FID."""
     model.eval()
     g = torch.Generator(x_test.device).manual_seed(cfg.seed + 1)  # fixed test binarization and noise
-    sums, mus = {"rec": 0.0, "kl": 0.0}, []
+    rec, kl, mus = 0.0, 0.0, []
     for xb in x_test.split(500):
         x = to_input(xb, cfg, g)
         mu, logvar = model.encode(x)
         z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, device=mu.device, generator=g)
-        sums["rec"] -= model.log_px_given_z(x, model.decoder(z)).sum().item()
-        sums["kl"] += gaussian_kl(mu, logvar).sum().item()
+        rec -= model.log_px_given_z(x, model.decoder(z)).sum().item()
+        kl += gaussian_kl(mu, logvar).sum().item()
         mus.append(mu.float())
     n, D = len(x_test), x_test[0].numel()
-    res = {"test_rec_nats": sums["rec"] / n, "test_kl_nats": sums["kl"] / n}
+    res = {"test_rec_nats": rec / n, "test_kl_nats": kl / n}
     res["test_elbo_nats"] = res["test_rec_nats"] + res["test_kl_nats"]  # -ELBO, an upper bound on -log p(x)
     # active units (Burda et al. 2016, sec. 5.2): Cov_x(E_q[z_u]) > 0.01
     res["active_units"] = int((torch.cat(mus).var(0) > 0.01).sum())
@@ -299,22 +296,18 @@ def load_checkpoint(path, cfg):
         fail(f"no checkpoint at {path} (train first, or check --out_dir)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        saved = {k: ckpt["config"][k] for k in ARCH_FIELDS}
-        ckpt["model"], ckpt["step"]
+        diff = {k: (ckpt["config"][k], getattr(cfg, k)) for k in ARCH_FIELDS if ckpt["config"][k] != getattr(cfg, k)}
     except Exception as e:
-        fail(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-    if cfg.resume and any(saved[k] != getattr(cfg, k) for k in ARCH_FIELDS):
-        diff = {k: (saved[k], getattr(cfg, k)) for k in ARCH_FIELDS if saved[k] != getattr(cfg, k)}
+        fail(f"cannot read checkpoint {path}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
+    if cfg.resume and diff:
         fail(f"checkpoint {path} was made with another model (saved vs asked: {diff}); use another --out_dir")
     return ckpt
 
 
 def pick_device(name):
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    return torch.device(name)
 
 
 def setup_distributed(device):
@@ -372,7 +365,7 @@ def train(cfg: Config) -> dict:
         try:
             model.load_state_dict(ckpt["model"])
             opt.load_state_dict(ckpt["optimizer"])
-            g.set_state(ckpt["rng"])
+            g.set_state(ckpt["rng"]) if rank == 0 else g.manual_seed(cfg.seed + 1000 * rank + ckpt["step"])
         except (RuntimeError, ValueError, KeyError) as e:
             fail(f"checkpoint {ckpt_path} does not fit this model: {str(e).splitlines()[0]}")
         step, history, evals = ckpt["step"], ckpt["history"], ckpt["evals"]
