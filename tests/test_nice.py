@@ -1,0 +1,226 @@
+"""Tests for nice.py: exact invertibility, log-det against autograd, the prior's normalization, bpd units,
+a real learning check on a 2-D toy set, end-to-end runs (in-process and CLI), checkpoints and errors."""
+import json
+import math
+
+import pytest
+import torch
+
+import nice
+
+TINY = dict(hidden=16, n_hidden=1, batch_size=32, fid_samples=0, eval_every=10, log_every=5, n_samples=16)
+
+
+def random_flow(D=6, K=3, prior="logistic"):
+    torch.manual_seed(0)
+    model = nice.NICE(D, K, 16, 2, prior).double()
+    with torch.no_grad():
+        model.s.normal_()  # a non-trivial scaling layer
+    return model
+
+
+def test_every_layer_and_the_flow_invert_float64():
+    model = random_flow()
+    x = torch.randn(5, 6, dtype=torch.float64)
+    for c in model.couplings:
+        y = c(x)
+        assert not torch.allclose(y, x)  # the layer does something...
+        assert torch.allclose(c(y, reverse=True), x, atol=1e-8, rtol=0)  # ...and undoes it exactly
+        assert torch.equal(y.reshape(5, 3, 2)[..., c.parity], x.reshape(5, 3, 2)[..., c.parity])  # I1 untouched
+    z, _ = model.forward_flow(x)
+    assert torch.allclose(model.inverse(z), x, atol=1e-8, rtol=0)
+    zs = torch.randn(5, 6, dtype=torch.float64)
+    assert torch.allclose(model.forward_flow(model.inverse(zs))[0], zs, atol=1e-8, rtol=0)
+
+
+def test_logdet_equals_bruteforce_jacobian():
+    model = random_flow()
+    x = torch.randn(3, 6, dtype=torch.float64)
+    _, logdet = model.forward_flow(x)
+    for i in range(3):
+        J = torch.autograd.functional.jacobian(lambda v: model.forward_flow(v[None])[0][0], x[i])
+        assert torch.allclose(logdet[i], torch.linalg.slogdet(J)[1], atol=1e-8)
+        Jc = torch.autograd.functional.jacobian(lambda v: model.couplings[0](v[None])[0], x[i])
+        assert abs(torch.linalg.det(Jc).item() - 1) < 1e-10  # additive coupling: volume preserving
+
+
+@pytest.mark.parametrize("prior", ["logistic", "gaussian"])
+def test_prior_density_integrates_to_one(prior):
+    model = random_flow(D=2, prior=prior)
+    z = torch.linspace(-60, 60, 200_001, dtype=torch.float64)
+    p = model.prior_log_prob(z[:, None]).exp()  # 1-D density, [N]
+    assert abs(torch.trapezoid(p, z).item() - 1) < 1e-6
+    var = torch.trapezoid(p * z ** 2, z).item()
+    assert var == pytest.approx(math.pi ** 2 / 3 if prior == "logistic" else 1.0, rel=1e-5)
+
+
+def test_log_prob_against_torch_distributions():
+    model = random_flow()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    h = x
+    for c in model.couplings:  # composed by hand, then the scaling layer
+        h = c(h)
+    z = h * model.s.exp()
+    logistic = torch.distributions.TransformedDistribution(  # standard logistic = logit(U(0, 1))
+        torch.distributions.Uniform(torch.zeros(6, dtype=torch.float64), torch.ones(6, dtype=torch.float64)),
+        [torch.distributions.transforms.SigmoidTransform().inv])
+    expected = logistic.log_prob(z).sum(1) + model.s.sum()
+    assert torch.allclose(model.log_prob(x), expected, atol=1e-10)
+
+
+@pytest.mark.parametrize("prior,var", [("logistic", math.pi ** 2 / 3), ("gaussian", 1.0)])
+def test_samples_follow_the_prior_and_temperature(prior, var):
+    model = nice.NICE(2, 2, 8, 1, prior)
+    with torch.no_grad():
+        for c in model.couplings:  # identity couplings: samples are the prior's draws times exp(-s)
+            c.m[-1].weight.zero_(), c.m[-1].bias.zero_()
+    g = torch.Generator().manual_seed(0)
+    x = model.sample(200_000, g, temperature=0.5)
+    assert x.var(0).tolist() == pytest.approx([0.25 * var] * 2, rel=0.03)
+    same = [model.sample(5, torch.Generator().manual_seed(1)) for _ in range(2)]
+    assert torch.equal(*same)  # the same generator seed gives the same samples
+
+
+def test_bpd_units_and_the_paper_number():
+    # the paper's MNIST log-likelihood 1980.50 nats on [0,1]^784 is 4.36 bits/dim in 8-bit units
+    assert nice.nats_to_bpd(-1980.50, 784) == pytest.approx(4.3555, abs=1e-4)
+    # evaluate() against an independent density: identity couplings, s set, a product of scaled logistics
+    cfg = nice.resolve(nice.Config(dataset="mnist", seed=3))
+    model = nice.NICE(8, 2, 8, 1)
+    with torch.no_grad():
+        for c in model.couplings:
+            c.m[-1].weight.zero_(), c.m[-1].bias.zero_()
+        model.s.copy_(torch.linspace(0.5, 3.0, 8))
+    x = torch.randint(0, 256, (300, 2, 2, 2), dtype=torch.uint8)
+    res = nice.evaluate(model, x, cfg, torch.device("cpu"))
+    y = (x.float() + torch.rand(x.shape, generator=torch.Generator().manual_seed(cfg.seed + 1))) / 256
+    scale = (-model.s.detach()).exp().double()
+    dens = torch.distributions.TransformedDistribution(
+        torch.distributions.Uniform(torch.zeros(8, dtype=torch.float64), torch.ones(8, dtype=torch.float64)),
+        [torch.distributions.transforms.SigmoidTransform().inv, torch.distributions.AffineTransform(0.0, scale)])
+    nll = -dens.log_prob(y.reshape(300, 8).double()).sum(1).mean().item()
+    assert res["test_loglik_nats"] == pytest.approx(-nll, rel=1e-5)
+    assert res["test_bpd"] == pytest.approx((nll + 8 * math.log(256)) / (8 * math.log(2)), rel=1e-5)
+
+
+def test_training_on_8gaussians_learns_a_density():
+    torch.manual_seed(0)
+    x_train = nice.toy_data("8gaussians", 50_000, torch.Generator().manual_seed(0))
+    x_test = nice.toy_data("8gaussians", 5_000, torch.Generator().manual_seed(1))
+    cfg = nice.resolve(nice.Config(dataset="8gaussians"))
+    model = nice.NICE(2, cfg.n_couplings, cfg.hidden, cfg.n_hidden)
+    nll0 = nice.evaluate(model, x_test, cfg, torch.device("cpu"))["test_nll_nats"]
+    model.init_scale(x_train[:2000])
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3, betas=(0.9, 0.99), eps=1e-4)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(400):
+        loss, _ = model(x_train[torch.randint(len(x_train), (512,), generator=g)])
+        opt.zero_grad(), loss.backward(), opt.step()
+    nll = nice.evaluate(model, x_test, cfg, torch.device("cpu"))["test_nll_nats"]
+    # the best single Gaussian (data mean and covariance) is an independent bar the flow must clear
+    gauss = -torch.distributions.MultivariateNormal(x_train.mean(0), torch.cov(x_train.T)).log_prob(x_test).mean()
+    assert nll < nll0 - 0.7 and nll < gauss.item() - 0.5, (nll0, nll, gauss.item())
+
+
+def test_train_in_process_on_mnist_files(data_dir, tmp_path):
+    res = nice.train(nice.Config(dataset="mnist", data_dir=str(data_dir), out_dir=str(tmp_path), max_steps=20, **TINY))
+    for f in ("ckpt.pt", "samples.png", "samples.npz", "loss.png", "log.txt", "results.json"):
+        assert (tmp_path / f).exists(), f
+    saved = json.loads((tmp_path / "results.json").read_text())
+    for k in ("test_bpd", "test_bpd_kind", "fid", "precision", "recall", "fid_features", "train_images_per_s",
+              "sample_images_per_s", "steps", "wall_s", "device", "config", "test_loglik_nats"):
+        assert k in saved, k
+    assert saved["steps"] == 20 and saved["test_bpd_kind"] == "exact" and 0 < saved["test_bpd"] < 12
+    assert saved["test_bpd"] == pytest.approx(nice.nats_to_bpd(-saved["test_loglik_nats"], 784))
+    import numpy as np
+    images = np.load(tmp_path / "samples.npz")["images"]
+    assert images.dtype == np.uint8 and images.shape == (16, 1, 28, 28)
+    ck = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    model = nice.NICE(784, ck["config"]["n_couplings"], ck["config"]["hidden"], ck["config"]["n_hidden"])
+    model.load_state_dict(ck["model"])  # the checkpoint alone rebuilds the model
+    assert res["test_bpd"] == saved["test_bpd"]
+
+
+def test_cli_fashion_then_resume_then_eval_only(cli, data_dir, tmp_path):
+    args = ["--dataset", "fashion", "--data_dir", data_dir, "--out_dir", tmp_path, "--fid_samples", "0",
+            "--hidden", "16", "--n_hidden", "1", "--batch_size", "32", "--eval_every", "10", "--log_every", "5"]
+    r = cli("nice.py", *args, "--max_steps", "10")
+    assert r.returncode == 0, r.stderr
+    assert "FINAL nice fashion test_bpd=" in r.stdout.strip().splitlines()[-1]
+    r = cli("nice.py", *args, "--max_steps", "20", "--resume", "true")
+    assert r.returncode == 0, r.stderr
+    assert "loaded" in r.stdout and "at step 10" in r.stdout and "step 15/20" in r.stdout and "step 5/" not in r.stdout
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 20
+    # eval_only rebuilds the architecture from the checkpoint, whatever --hidden says now
+    r = cli("nice.py", *args[:-6], "--hidden", "999", "--eval_only", "true")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "results.json").read_text())["steps"] == 20
+
+
+def test_cli_toy_writes_density(cli, tmp_path):
+    r = cli("nice.py", "--dataset", "moons", "--out_dir", tmp_path, "--max_steps", "100", "--hidden", "16")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "density.png").exists() and (tmp_path / "loss.png").exists()
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["test_bpd"] is None and math.isfinite(res["test_nll_nats"])
+    assert "test_nll_nats=" in r.stdout.strip().splitlines()[-1]
+
+
+def test_cli_errors_are_one_line(cli, tmp_path):
+    r = cli("nice.py", "--dataset", "spirals", "--fid_samples", "100", "--out_dir", tmp_path)
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1
+    assert "nice.py: error: --fid_samples applies to image datasets only" in r.stderr
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(dataset="circles", fid_samples=10), "image datasets only"),
+    (dict(dataset="mnist", data_dir="/nonexistent"), "--data_dir"),
+    (dict(dataset="moons", lr=-1.0), "--lr must be > 0"),
+    (dict(dataset="moons", resume=True), "no checkpoint"),
+    (dict(dataset="moons", resume=True, eval_only=True), "not both"),
+])
+def test_bad_config_errors(kw, match, tmp_path):
+    with pytest.raises(SystemExit, match=match):
+        nice.train(nice.Config(out_dir=str(tmp_path), **kw))
+
+
+def test_odd_dimension_is_an_error():
+    with pytest.raises(SystemExit, match="even input dimension"):
+        nice.NICE(5)
+
+
+def test_checkpoint_errors_and_nan_keeps_last_good(tmp_path):
+    cfg = dict(dataset="checkerboard", out_dir=str(tmp_path), hidden=8, batch_size=64, eval_every=10, log_every=1)
+    nice.train(nice.Config(max_steps=10, **cfg))
+    good = (tmp_path / "ckpt.pt").read_bytes()
+    with pytest.raises(SystemExit, match="--hidden 8, not 9"):
+        nice.train(nice.Config(max_steps=20, resume=True, **{**cfg, "hidden": 9}))
+    with pytest.raises(SystemExit, match="non-finite .* last good checkpoint"):
+        nice.train(nice.Config(max_steps=30, resume=True, **{**cfg, "lr": 1e30}))
+    assert (tmp_path / "ckpt.pt").read_bytes() == good  # never overwritten by a bad model
+    (tmp_path / "ckpt.pt").write_bytes(good[: len(good) // 2])
+    with pytest.raises(SystemExit, match="cannot read checkpoint"):
+        nice.train(nice.Config(max_steps=20, resume=True, **cfg))
+
+
+def test_parse_args():
+    cfg = nice.parse_args(["--dataset", "8gaussians", "--resume", "yes", "--lr=0.01", "--prior", "gaussian"])
+    assert cfg.dataset == "8gaussians" and cfg.resume is True and cfg.lr == 0.01 and cfg.prior == "gaussian"
+    with pytest.raises(SystemExit):
+        nice.parse_args(["--dataset", "imagenet"])
+    toy, img = nice.resolve(nice.Config(dataset="moons")), nice.resolve(nice.Config(dataset="mnist"))
+    assert toy.fid_samples == 0 and toy.hidden < img.hidden and img.hidden == 1000 and img.n_couplings == 4
+
+
+def test_fid_end_to_end(data_dir, tmp_path):
+    pytest.importorskip("metrics")
+    res = nice.train(nice.Config(dataset="mnist", data_dir=str(data_dir), out_dir=str(tmp_path), max_steps=5,
+                                 **{**TINY, "fid_samples": 64}))
+    assert math.isfinite(res["fid"]) and 0 <= res["precision"] <= 1 and 0 <= res["recall"] <= 1
+
+
+def test_train_cifar10_files(data_dir, tmp_path, cifar_no_md5):
+    res = nice.train(nice.Config(dataset="cifar10", data_dir=str(data_dir), out_dir=str(tmp_path), max_steps=5,
+                                 **{**TINY, "n_samples": 4}))
+    assert res["config"]["hidden"] == 16 and math.isfinite(res["test_bpd"]) and (tmp_path / "samples.png").exists()
+    assert res["test_bpd"] == pytest.approx(nice.nats_to_bpd(-res["test_loglik_nats"], 3 * 32 * 32))
