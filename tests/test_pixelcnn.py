@@ -123,6 +123,18 @@ def test_uniform_model_gives_log2_levels_bits_per_dim(C, levels):
     assert m(x)[0].item() == pytest.approx(math.log2(levels), rel=1e-6)
 
 
+@pytest.mark.parametrize("output,levels", [("softmax", 8), ("logistic_mix", 256)])
+def test_logp_of_every_value_matches_logp_of_one(output, levels):
+    """What the sampler draws from (log p of every value, [B, L, C, H, W]) is the training likelihood."""
+    torch.manual_seed(0)
+    m = Model(Config(output=output, levels=levels, n_mix=2, hidden=6, n_layers=1, kernel=3), (3, 4, 4)).double()
+    out, q = torch.randn(2, m.n_out * 3, 4, 4, dtype=torch.float64), torch.randint(0, levels, (2, 3, 4, 4))
+    every = m.logp(out)
+    assert every.shape == (2, levels, 3, 4, 4)
+    assert torch.allclose(every.gather(1, q[:, None]).squeeze(1), m.logp(out, q), atol=1e-12)
+    assert torch.allclose(every.exp().sum(1), torch.ones(2, 3, 4, 4, dtype=torch.float64), atol=1e-4)
+
+
 def test_quantization_levels():
     m = Model(Config(hidden=2, n_layers=1, levels=4), (1, 4, 4))
     q = m.quantize(torch.arange(256, dtype=torch.uint8))
