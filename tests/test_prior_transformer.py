@@ -1,0 +1,380 @@
+"""Tests of prior_transformer.py: causality, attention-dropout mask, KV cache = recomputation, sampling filters,
+the likelihood against the chain rule, conditioning, the codes-file contract, end to end, resume, bad input."""
+import hashlib
+import itertools
+import json
+import math
+import sys
+import types
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import prior_transformer as pt
+
+K, GRID = 16, (4, 4)
+T = GRID[0] * GRID[1]
+
+
+def tiny(arch="gpt", **kw):
+    cfg = pt.Config(arch=arch, n_layer=2, n_head=2, n_embd=32, dropout=0.0, attn_drop_p=0.0)
+    return replace(cfg, **kw)
+
+
+def make_model(arch="gpt", n_classes=0, seed=0, **kw):
+    torch.manual_seed(seed)
+    return pt.build_model(tiny(arch, **kw), K, T, n_classes).eval()
+
+
+# ----------------------------------------------------------------------------- model
+
+@pytest.mark.parametrize("arch,p", [("gpt", 0.0), ("gpt", 0.5), ("lstm", 0.0)])
+def test_causality(arch, p):
+    """Changing tokens after t leaves the logits at positions <= t unchanged (also with attention dropout on)."""
+    model = make_model(arch, attn_drop_p=p).train()  # train mode: attention dropout active
+    x = torch.randint(K, (3, T))
+    for t in (0, 5, T - 2):
+        x2 = x.clone()
+        x2[:, t + 1 :] = torch.randint(K, (3, T - t - 1))
+        torch.manual_seed(1)
+        a = model.logits(x)
+        torch.manual_seed(1)  # the same random attention masks for both
+        b = model.logits(x2)
+        assert torch.allclose(a[:, : t + 1], b[:, : t + 1], atol=1e-6)
+        assert not torch.allclose(a[:, t + 1 :], b[:, t + 1 :], atol=1e-3)  # later positions do see them
+
+
+def test_attn_drop_mask():
+    torch.manual_seed(0)
+    n, p = 64, 0.3
+    m = pt.attn_drop_mask(n, p, (4, 2), "cpu")
+    assert m.shape == (4, 2, n, n)
+    assert m.diagonal(dim1=-2, dim2=-1).all()  # never the diagonal
+    assert not m.triu(1).any()  # never the future
+    lower = torch.ones(n, n, dtype=torch.bool).tril(-1)
+    kept = m[..., lower].float().mean().item()
+    assert abs(kept - (1 - p)) < 0.02  # about a fraction p of the allowed past is masked
+    assert not torch.equal(m[0, 0], m[0, 1])  # independent per head
+
+
+def test_attention_dropout_matches_manual_softmax():
+    """sdpa with the boolean mask equals softmax(q k^T / sqrt(d) with masked entries at -inf) v."""
+    cfg = tiny(attn_drop_p=0.4, n_head=2, n_embd=8)
+    torch.manual_seed(0)
+    attn = pt.SelfAttention(cfg).train()
+    x = torch.randn(3, 7, 8)
+    torch.manual_seed(5)
+    y = attn(x)
+    torch.manual_seed(5)
+    mask = pt.attn_drop_mask(7, 0.4, (3, 2), "cpu")
+    q, k, v = attn.qkv(x).view(3, 7, 3, 2, 4).permute(2, 0, 3, 1, 4)
+    w = (q @ k.transpose(-1, -2) / 2.0).masked_fill(~mask, float("-inf")).softmax(-1)
+    expect = attn.proj((w @ v).transpose(1, 2).reshape(3, 7, 8))
+    assert torch.allclose(y, expect, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["gpt", "lstm"])
+def test_cache_equals_recomputation(arch):
+    model = make_model(arch)
+    x = torch.randint(K + 1, (4, T))
+    full = model.logits(x)
+    cache, steps = {}, []
+    for t in range(T):
+        steps.append(model.logits(x[:, t : t + 1], cache, t))
+    assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["gpt", "lstm"])
+@pytest.mark.parametrize("kw", [{}, {"temperature": 0.7, "top_k": 5}, {"top_p": 0.8}])
+def test_sampling_with_and_without_cache_identical(arch, kw):
+    model = make_model(arch)
+    a = model.sample(8, torch.Generator().manual_seed(3), use_cache=True, **kw)
+    b = model.sample(8, torch.Generator().manual_seed(3), use_cache=False, **kw)
+    assert a.shape == (8, T) and a.dtype == torch.long and 0 <= a.min() and a.max() < K
+    assert torch.equal(a, b)
+    c = model.sample(8, torch.Generator().manual_seed(4), **kw)
+    assert not torch.equal(a, c)  # a different generator gives different samples
+
+
+def test_filters_keep_exactly_the_right_tokens():
+    logits = torch.log(torch.tensor([[0.05, 0.5, 0.15, 0.3], [0.4, 0.1, 0.2, 0.3]]))
+    keep = lambda out: torch.isfinite(out)
+    assert keep(pt.filter_logits(logits, top_k=1)).tolist() == [[False, True, False, False], [True, False, False, False]]
+    assert keep(pt.filter_logits(logits, top_k=3)).tolist() == [[False, True, True, True], [True, False, True, True]]
+    # nucleus: the smallest set of most likely codes whose mass reaches top_p
+    assert keep(pt.filter_logits(logits, top_p=0.75)).tolist() == [[False, True, False, True], [True, False, True, True]]
+    assert keep(pt.filter_logits(logits, top_p=0.85)).tolist() == [[False, True, True, True], [True, False, True, True]]
+    assert keep(pt.filter_logits(logits, top_p=0.3)).tolist() == [[False, True, False, False], [True, False, False, False]]
+    # top-k first, then the nucleus of the renormalized rest: 0.5 / 0.8 = 0.625 >= 0.6; 0.4 / 0.7 = 0.57 < 0.6
+    assert keep(pt.filter_logits(logits, top_k=2, top_p=0.6)).tolist() == [[False, True, False, False], [True, False, False, True]]
+    assert torch.equal(pt.filter_logits(logits), logits)
+    kept = pt.filter_logits(logits, top_k=2)  # kept logits are untouched
+    assert torch.equal(kept[torch.isfinite(kept)], logits[torch.isfinite(kept)])
+
+
+def test_sample_logits_distribution_and_greedy():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.2])).expand(20000, 3)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(pt.sample_logits(logits, g, temperature=0), torch.zeros(20000, dtype=torch.long))
+    for temp in (1.0, 2.0):
+        freq = torch.bincount(pt.sample_logits(logits, g, temperature=temp), minlength=3).float() / 20000
+        assert torch.allclose(freq, (logits[0] / temp).softmax(-1), atol=0.015)
+    freq = torch.bincount(pt.sample_logits(logits, g, top_k=2), minlength=3).float() / 20000
+    assert freq[2] == 0 and abs(freq[0] - 0.625) < 0.015  # renormalized over the two kept codes
+
+
+@pytest.mark.parametrize("arch", ["gpt", "lstm"])
+def test_loss_is_chain_rule_nll_and_sums_to_one(arch):
+    """forward's loss = -1/T sum_t log p(x_t | x_<t), computed token by token through the cache; and on a toy
+    case (K = 3, T = 2) the probabilities of all K^T sequences sum to 1."""
+    model = make_model(arch)
+    x = torch.randint(K, (5, T))
+    loss, stats = model(x)
+    cache, tok, nll = {}, model.start(5), torch.zeros(5)
+    for t in range(T):
+        logp = model.logits(tok[:, None], cache, t)[:, -1].log_softmax(-1)
+        nll -= logp[torch.arange(5), x[:, t]]
+        tok = x[:, t]
+    assert torch.allclose(loss, nll.mean() / T, atol=1e-5)
+    hits = model.logits(torch.cat([model.start(5)[:, None], x[:, :-1]], 1)).topk(5, -1).indices == x[..., None]
+    assert math.isclose(stats["top5"].item(), hits.any(-1).float().mean().item(), abs_tol=1e-6)
+    assert stats["top1"] <= stats["top5"] <= stats["top10"]
+    torch.manual_seed(0)
+    toy = pt.build_model(tiny(arch), 3, 2, 0).eval()
+    seqs = torch.tensor(list(itertools.product(range(3), repeat=2)))
+    total = sum(math.exp(-2 * toy(s[None])[0].item()) for s in seqs)
+    assert math.isclose(total, 1.0, rel_tol=1e-5)
+
+
+def test_conditional_model_is_fed_its_class():
+    """Trained on grids whose every code is its class, the conditional model samples its class everywhere."""
+    torch.manual_seed(0)
+    model = pt.build_model(tiny(), K, T, n_classes=4).train()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(60):
+        y = torch.randint(4, (32,))
+        loss, _ = model(y[:, None].expand(32, T) + 0, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    y = torch.arange(4).repeat_interleave(3)
+    assert (model.sample(12, None, y, temperature=0) == y[:, None]).all()  # greedy: the class everywhere
+    s = model.sample(12, torch.Generator().manual_seed(0), y)
+    assert (s == y[:, None]).float().mean() > 0.8
+    assert torch.equal(model.start(4, torch.arange(4)), torch.arange(K, K + 4))  # class tokens follow the codes
+
+
+# ----------------------------------------------------------------------------- codes file and end to end
+
+class FakeVQVAE(nn.Module):
+    """Stands in for vqvae.VQVAE: decode_codes maps a code grid to a 28x28 image in [0, 1]."""
+
+    def decode_codes(self, codes):
+        return F.interpolate(codes[:, None].float() / (K - 1), size=(28, 28), mode="nearest")
+
+
+def sha(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+@pytest.fixture
+def fake_vqvae(monkeypatch):
+    """A stub `vqvae` module with the contract's two functions (until the real vqvae.py is used end to end)."""
+    mod = types.SimpleNamespace(load_vqvae=lambda path, device: FakeVQVAE().to(device), file_fingerprint=sha)
+    monkeypatch.setitem(sys.modules, "vqvae", mod)
+
+
+def write_codes(tmp_path, dataset="mnist", **override):
+    """A codes.pt by the contract: codes with structure (row r of class c holds (c + r) % K), some noise."""
+    g = torch.Generator().manual_seed(0)
+    ckpt = tmp_path / "vq_ckpt.pt"
+    ckpt.write_bytes(b"a VQ-VAE checkpoint")
+
+    def split(n):
+        y = torch.randint(10, (n,), generator=g)
+        x = (y[:, None, None] + torch.arange(GRID[0])[None, :, None]).expand(n, *GRID) % K
+        noise = torch.rand(n, *GRID, generator=g) < 0.1
+        return torch.where(noise, torch.randint(K, (n, *GRID), generator=g), x).to(torch.int16), y
+
+    (xtr, ytr), (xte, yte) = split(256), split(64)
+    c = {"format": "vqvae-codes-v1", "dataset": dataset, "codebook_size": K, "grid": list(GRID), "train": xtr,
+         "test": xte, "train_flip": None, "train_labels": ytr, "test_labels": yte,
+         "vqvae_ckpt": str(ckpt.resolve()), "vqvae_sha256": sha(ckpt)}
+    c.update(override)
+    path = tmp_path / "codes.pt"
+    torch.save(c, path)
+    return path
+
+
+def run_cfg(tmp_path, codes, **kw):
+    base = dict(dataset="mnist", codes=str(codes), out_dir=str(tmp_path / "out"), device="cpu", max_steps=30,
+                batch_size=32, lr=3e-3, warmup_steps=5, eval_every=15, sample_every=30, log_every=10, n_samples=16,
+                fid_samples=0, eval_batch_size=50)
+    base.update(kw)
+    return replace(tiny(), **base)
+
+
+@pytest.mark.parametrize("arch,conditional", [("gpt", False), ("lstm", False), ("gpt", True)])
+def test_train_end_to_end_in_process(tmp_path, fake_vqvae, arch, conditional):
+    codes = write_codes(tmp_path)
+    res = pt.train(run_cfg(tmp_path, codes, arch=arch, conditional=conditional, attn_drop_p=0.1, max_steps=60))
+    out = tmp_path / "out"
+    for f in ("ckpt.pt", "samples.png", "loss.png", "log.txt", "results.json"):
+        assert (out / f).exists(), f
+    saved = json.loads((out / "results.json").read_text())
+    for key in ("val_nats_per_code", "val_bits_per_code", "val_top1", "val_top5", "val_top10", "train_nats_per_code",
+                "train_images_per_s", "steps", "wall_s", "device", "config"):
+        assert key in saved, key
+    assert saved["steps"] == 60 and math.isfinite(saved["val_nats_per_code"])
+    assert math.isclose(saved["val_bits_per_code"], saved["val_nats_per_code"] / math.log(2))
+    assert saved["val_nats_per_code"] < math.log(K) - 0.5  # learned something beyond uniform over K codes
+    assert 0 <= saved["val_top1"] <= saved["val_top5"] <= saved["val_top10"] <= 1
+    assert res["val_nats_per_code"] == saved["val_nats_per_code"]
+    assert (out / "log.txt").read_text().strip().splitlines()[-1].startswith("FINAL prior_transformer mnist")
+    # the checkpoint rebuilds the model with no command line, and evaluates to the same numbers
+    ck = torch.load(out / "ckpt.pt", weights_only=True)
+    cfg = pt.Config(**ck["config"])
+    model = pt.build_model(cfg, ck["meta"]["codebook_size"], T, ck["meta"]["n_classes"])
+    model.load_state_dict(ck["model"])
+    c = torch.load(codes, weights_only=True)
+    ev = pt.evaluate(model, c["test"].reshape(64, -1).long(), c["test_labels"] if conditional else None, cfg)
+    assert math.isclose(ev["val_nats_per_code"], saved["val_nats_per_code"], rel_tol=1e-5)
+
+
+def test_flip_codes_are_used(tmp_path, fake_vqvae):
+    """With --flip the batches mix in train_flip; codes that only appear there must be learned."""
+    c = torch.load(write_codes(tmp_path), weights_only=True)
+    flipped = torch.zeros_like(c["train"])  # the flipped codes: all zeros
+    codes = write_codes(tmp_path, dataset="fashion", train_flip=flipped, test=torch.zeros_like(c["test"]))
+    on = pt.train(run_cfg(tmp_path, codes, dataset="fashion", flip=True, out_dir=str(tmp_path / "on")))
+    off = pt.train(run_cfg(tmp_path, codes, dataset="fashion", flip=False, out_dir=str(tmp_path / "off")))
+    assert on["val_nats_per_code"] < off["val_nats_per_code"] - 0.5
+
+
+def test_fid_and_sweep_in_process(tmp_path, fake_vqvae, data_dir):
+    """metrics.py judges the decoded samples; the sweep writes its table and plot."""
+    pytest.importorskip("metrics")
+    codes = write_codes(tmp_path)
+    res = pt.train(run_cfg(tmp_path, codes, data_dir=str(data_dir), fid_samples=40, sweep=True,
+                           sweep_temperatures="0.5,1.0", sweep_top_k="0,4", sweep_samples=20))
+    for key in ("fid", "precision", "recall", "density", "coverage", "fid_features", "sample_images_per_s"):
+        assert key in res and res[key] is not None, key
+    assert math.isfinite(res["fid"]) and res["sample_images_per_s"] > 0
+    assert [(r["temperature"], r["top_k"]) for r in res["sweep"]] == [(0.5, 0), (1.0, 0), (0.5, 4), (1.0, 4)]
+    assert all(math.isfinite(r["fid"]) and 0 <= r["recall"] <= 1 for r in res["sweep"])
+    images = np.load(tmp_path / "out" / "samples.npz")["images"]
+    assert images.shape == (40, 1, 28, 28) and images.dtype.name == "uint8"
+    assert (tmp_path / "out" / "sweep.png").exists()
+
+
+def test_broken_metrics_do_not_lose_the_run(tmp_path, fake_vqvae, monkeypatch):
+    def evaluate(*args, **kw):
+        raise RuntimeError("feature net mismatch")
+
+    monkeypatch.setitem(sys.modules, "metrics", types.SimpleNamespace(evaluate=evaluate))
+    res = pt.train(run_cfg(tmp_path, write_codes(tmp_path), fid_samples=20))
+    assert res["fid"] is None and res["sample_images_per_s"] > 0 and math.isfinite(res["val_nats_per_code"])
+    assert (tmp_path / "out" / "samples.npz").exists() and (tmp_path / "out" / "results.json").exists()
+    assert "metrics.py failed, fid left empty: RuntimeError: feature net mismatch" in (tmp_path / "out" / "log.txt").read_text()
+
+
+def test_resume_and_eval_only(tmp_path, fake_vqvae):
+    codes = write_codes(tmp_path)
+    pt.train(run_cfg(tmp_path, codes, max_steps=20))
+    res = pt.train(run_cfg(tmp_path, codes, max_steps=40, resume=True))
+    assert res["steps"] == 40 and torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["step"] == 40
+    log = (tmp_path / "out" / "log.txt").read_text()
+    assert "at step 20" in log and "step 30/40" in log and "step 10/40" not in log
+    # eval_only rebuilds from the checkpoint's config, whatever the command line says about the architecture
+    again = pt.train(run_cfg(tmp_path, codes, eval_only=True, n_layer=5, n_embd=64))
+    assert math.isclose(again["val_nats_per_code"], res["val_nats_per_code"], rel_tol=1e-5) and again["steps"] == 40
+    with pytest.raises(SystemExit, match="another model"):
+        pt.train(run_cfg(tmp_path, codes, max_steps=50, resume=True, n_embd=64))
+
+
+def test_non_finite_loss_keeps_the_last_good_checkpoint(tmp_path, fake_vqvae, monkeypatch):
+    codes, calls, forward = write_codes(tmp_path), [0], pt.Prior.forward
+
+    def diverging(self, x, y=None):  # the training loss turns NaN after 7 steps
+        loss, stats = forward(self, x, y)
+        calls[0] += self.training
+        return (loss * float("nan") if self.training and calls[0] > 7 else loss), stats
+
+    monkeypatch.setattr(pt.Prior, "forward", diverging)
+    with pytest.raises(SystemExit, match="non-finite loss at step 10; the last good checkpoint .* is kept"):
+        pt.train(run_cfg(tmp_path, codes, max_steps=20, eval_every=5, log_every=5))
+    ck = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    assert ck["step"] == 5 and all(torch.isfinite(v).all() for v in ck["model"].values())
+
+
+def test_bad_input(tmp_path, fake_vqvae):
+    codes = write_codes(tmp_path)
+    for kw, match in [({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"temperature": -1.0}, "temperature"),
+                      ({"top_k": -1}, "top_k"), ({"top_k": K + 1}, "top_k must be in 1..K = 1..16"),
+                      ({"sweep": True, "sweep_top_k": "0,99"}, "top_k"), ({"sweep_temperatures": "a,b"}, "comma"),
+                      ({"n_embd": 30, "n_head": 4}, "multiple"), ({"codes": str(tmp_path / "none.pt")}, "run `python vqvae.py --dataset mnist` first"),
+                      ({"dataset": "fashion"}, "holds mnist codes"), ({"resume": True}, "no checkpoint"),
+                      ({"eval_only": True}, "no checkpoint"), ({"dtype": "bfloat16"}, "CUDA")]:
+        with pytest.raises(SystemExit, match=match):
+            pt.train(run_cfg(tmp_path, **{"codes": codes, **kw}))
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    with pytest.raises(SystemExit, match="not a codes file"):
+        pt.train(run_cfg(tmp_path, tmp_path / "junk.pt"))
+    c = torch.load(codes, weights_only=True)
+    for override, match in [({"train": c["train"] + K}, "codebook size mismatch"), ({"vqvae_sha256": "0" * 64}, "fingerprint"),
+                            ({"vqvae_ckpt": str(tmp_path / "gone.pt")}, "missing"), ({"train_labels": None}, "labels")]:
+        sub = tmp_path / match.replace(" ", "_")
+        sub.mkdir()
+        path = write_codes(sub, **override)
+        with pytest.raises(SystemExit, match=match):
+            pt.train(run_cfg(sub, path, conditional=True))
+    # a checkpoint trained on another codebook
+    pt.train(run_cfg(tmp_path, codes, max_steps=2, eval_every=2, out_dir=str(tmp_path / "k")))
+    (tmp_path / "k2").mkdir()
+    bigger = write_codes(tmp_path / "k2", codebook_size=2 * K)
+    with pytest.raises(SystemExit, match="codebook size mismatch"):
+        pt.train(run_cfg(tmp_path, bigger, max_steps=4, resume=True, out_dir=str(tmp_path / "k")))
+    (tmp_path / "k" / "ckpt.pt").write_bytes(b"corrupt")
+    with pytest.raises(SystemExit, match="cannot read checkpoint"):
+        pt.train(run_cfg(tmp_path, codes, eval_only=True, out_dir=str(tmp_path / "k")))
+
+
+def test_cli_errors_and_help(cli, tmp_path):
+    r = cli("prior_transformer.py", "--top_p", "0", "--device", "cpu")
+    assert r.returncode != 0 and "prior_transformer.py: error: --top_p must be in (0, 1]" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = cli("prior_transformer.py", "-h")
+    assert r.returncode == 0 and "--attn_drop_p" in r.stdout and "Autoregressive prior" in r.stdout
+
+
+# ----------------------------------------------------------------------------- with the real vqvae.py
+
+def test_end_to_end_with_vqvae_cli(cli, data_dir, tmp_path):
+    """tiny vqvae.py run -> codes.pt -> prior training -> decoded samples, all through the command lines."""
+    pytest.importorskip("vqvae")
+    vq_out, out = tmp_path / "vq", tmp_path / "prior"
+    r = cli("vqvae.py", "--dataset", "mnist", "--data_dir", data_dir, "--out_dir", vq_out, "--device", "cpu",
+            "--max_steps", "10", "--fid_samples", "0", "--eval_every", "10", "--sample_every", "10", "--log_every", "10",
+            "--hidden", "16", "--res_hidden", "8", "--n_res", "1", "--codebook_size", "32", "--code_dim", "8")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (vq_out / "codes.pt").exists()
+    args = ["--dataset", "mnist", "--data_dir", data_dir, "--codes", vq_out / "codes.pt", "--out_dir", out,
+            "--device", "cpu", "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--max_steps", "20",
+            "--eval_every", "10", "--sample_every", "20", "--log_every", "10", "--n_samples", "16"]
+    r = cli("prior_transformer.py", *args, "--fid_samples", "0")
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((out / "results.json").read_text())
+    assert math.isfinite(res["val_nats_per_code"]) and res["steps"] == 20
+    assert (out / "samples.png").exists() and "FINAL prior_transformer mnist" in r.stdout
+    # the real vqvae.py's fingerprint: a VQ-VAE checkpoint changed after the codes were written is refused
+    ck = torch.load(vq_out / "codes.pt", weights_only=True)["vqvae_ckpt"]
+    with open(ck, "ab") as f:
+        f.write(b"x")
+    cfg = pt.parse_args([str(a) for a in args] + ["--fid_samples", "0", "--out_dir", str(tmp_path / "p2")])
+    with pytest.raises(SystemExit, match="fingerprint mismatch"):
+        pt.train(cfg)
