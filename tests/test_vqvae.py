@@ -1,4 +1,6 @@
 """Tests for vqvae.py: the quantizer's math against hand computations, the codes contract, the command line."""
+import dataclasses
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -166,26 +168,37 @@ def test_real_mnist_short_run(tmp_path):
     assert res["test_mse"] < 0.015 and res["codes_used"] > 100  # a CPU run had train mse 0.0067 at step 300
 
 
-def test_cli_fashion_flip_codes_resume_and_eval_only(tmp_path, data_dir, cli):
+def test_cli_fashion_metrics_flip_codes_resume_and_eval_only(tmp_path, data_dir, cli, capsys):
+    """Two processes only (each pays the torch import): a run with metrics, and a one-line error."""
+    has_metrics = importlib.util.find_spec("metrics") is not None
     out = tmp_path / "run"
     base = ["--dataset", "fashion", "--data_dir", data_dir, "--out_dir", out, *TINY_ARGS]
-    r = cli("vqvae.py", *base, "--max_steps", 4)
+    r = cli("vqvae.py", *base, "--max_steps", 4, "--fid_samples", 64 if has_metrics else 0)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1].startswith("FINAL vqvae fashion test_mse=")
+    res = json.loads((out / "results.json").read_text())
+    assert res["steps"] == 4 and all(math.isfinite(res[k]) for k in ("test_mse", "wall_s", "train_images_per_s"))
+    if has_metrics:  # the reconstruction FID (the ceiling for a prior) and the independent-codes one
+        assert math.isfinite(res["fid"]) and res["fid"] >= 0 and math.isfinite(res["fid_independent"])
+        assert 0 <= res["precision"] <= 1 and 0 <= res["recall"] <= 1
+        assert np.load(out / "samples.npz")["images"].shape == (64, 1, 28, 28)
     codes = torch.load(out / "codes.pt", weights_only=True)
     x_train, _ = vqvae.load_split("fashion", str(data_dir), train=True)
     model = vqvae.load_vqvae(out / "ckpt.pt", "cpu")
     assert torch.equal(model.encode_codes(x_train.flip(-1)).to(torch.int16), codes["train_flip"])
-    r = cli("vqvae.py", *base, "--max_steps", 6, "--resume", "true")  # continues from step 4
-    assert r.returncode == 0, r.stderr
-    assert "step 6/6" in r.stdout and "step 2/6" not in r.stdout
+    cfg = vqvae.parse_args([str(a) for a in base])  # the same run, continued in-process from step 4
+    capsys.readouterr()
+    vqvae.train(dataclasses.replace(cfg, max_steps=6, resume=True))
+    stdout = capsys.readouterr().out
+    assert "step 6/6" in stdout and "step 2/6" not in stdout and "at step 4" in stdout
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 6
-    sha = vqvae.file_fingerprint(out / "ckpt.pt")
+    sha, before = vqvae.file_fingerprint(out / "ckpt.pt"), torch.load(out / "codes.pt", weights_only=True)
     (out / "codes.pt").unlink()
-    r = cli("vqvae.py", *base, "--eval_only", "1", "--write_codes", "yes")
-    assert r.returncode == 0, r.stderr
+    vqvae.train(dataclasses.replace(cfg, eval_only=True, write_codes=True))
     assert vqvae.file_fingerprint(out / "ckpt.pt") == sha  # evaluation never rewrites the checkpoint
-    assert torch.load(out / "codes.pt", weights_only=True)["vqvae_sha256"] == sha
+    after = torch.load(out / "codes.pt", weights_only=True)
+    assert after["vqvae_sha256"] == sha
+    assert all(torch.equal(before[k], after[k]) for k in ("train", "test", "train_flip"))  # the same codes again
     r = cli("vqvae.py", *base, "--eval_only", "1", "--dataset", "mnist")
     assert r.returncode != 0 and "vqvae.py: error:" in r.stderr and "fashion" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
@@ -200,7 +213,7 @@ def test_errors_are_one_line(tmp_path, data_dir):
     fails("codebook_size must be in 2..", codebook_size=2 ** 31)
     fails("--grid must be", grid=3)
     fails("bfloat16 needs a CUDA device", dtype="bfloat16", device="cpu")
-    fails("cannot load mnist from --data_dir", data_dir=str(tmp_path / "nowhere"))
+    fails("mnist not found under --data_dir", data_dir=str(tmp_path / "nowhere"))
     (tmp_path / "run").mkdir(exist_ok=True)
     (tmp_path / "run" / "ckpt.pt").write_bytes(b"not a checkpoint")
     fails("cannot read checkpoint", resume=True)
@@ -214,28 +227,22 @@ def test_resume_guards_architecture_and_keeps_good_checkpoint_on_nan(tmp_path, d
     vqvae.train(tiny(tmp_path, data_dir, dataset="mnist", max_steps=3))
     ckpt = tmp_path / "run" / "ckpt.pt"
     sha = vqvae.file_fingerprint(ckpt)
-    with pytest.raises(SystemExit, match="codebook_size=16"):
+    with pytest.raises(SystemExit, match="made with --codebook_size 16"):
         vqvae.train(tiny(tmp_path, data_dir, dataset="mnist", max_steps=6, resume=True, codebook_size=32))
-    with pytest.raises(SystemExit, match="trained on mnist, not --dataset fashion"):
+    with pytest.raises(SystemExit, match="made with --dataset mnist"):
         vqvae.train(tiny(tmp_path, data_dir, dataset="fashion", max_steps=6, resume=True))
     with pytest.raises(SystemExit, match="not finite.*last good checkpoint"):
         vqvae.train(tiny(tmp_path, data_dir, dataset="mnist", max_steps=60, resume=True, lr=1e30, eval_every=1))
     assert vqvae.file_fingerprint(ckpt) == sha
 
 
-def test_parse_args():
-    cfg = vqvae.parse_args(["--ema", "no", "--grid=4", "--dataset", "cifar10", "--lr", "3e-4"])
+def test_parse_args(capsys):
+    cfg = vqvae.parse_args(["--ema", "no", "--grid=4", "--dataset", "cifar10", "--lr", "3e-4", "--resume", "true",
+                            "--eval_only", "1", "--write_codes", "yes"])
     assert cfg.ema is False and cfg.grid == 4 and cfg.dataset == "cifar10" and cfg.lr == 3e-4
+    assert cfg.resume is cfg.eval_only is cfg.write_codes is True
     with pytest.raises(SystemExit):
         vqvae.parse_args(["--dataset", "imagenet"])
-
-
-def test_cli_with_metrics(tmp_path, data_dir, cli):
-    pytest.importorskip("metrics")
-    out = tmp_path / "run"
-    r = cli("vqvae.py", "--dataset", "mnist", "--data_dir", data_dir, "--out_dir", out, *TINY_ARGS,
-            "--fid_samples", 64)
-    assert r.returncode == 0, r.stderr
-    res = json.loads((out / "results.json").read_text())
-    assert math.isfinite(res["fid"]) and res["fid"] >= 0 and math.isfinite(res["fid_independent"])
-    assert 0 <= res["precision"] <= 1 and 0 <= res["recall"] <= 1
+    with pytest.raises(SystemExit):
+        vqvae.parse_args(["-h"])
+    assert "codes.pt" in capsys.readouterr().out  # -h prints the docstring (with the codes format)
