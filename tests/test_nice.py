@@ -2,6 +2,9 @@
 a real learning check on a 2-D toy set, end-to-end runs (in-process and CLI), checkpoints and errors."""
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -92,7 +95,7 @@ def test_bpd_units_and_the_paper_number():
             c.m[-1].weight.zero_(), c.m[-1].bias.zero_()
         model.s.copy_(torch.linspace(0.5, 3.0, 8))
     x = torch.randint(0, 256, (300, 2, 2, 2), dtype=torch.uint8)
-    res = nice.evaluate(model, x, cfg, torch.device("cpu"))
+    res = nice.evaluate(model, x, cfg)
     y = (x.float() + torch.rand(x.shape, generator=torch.Generator().manual_seed(cfg.seed + 1))) / 256
     scale = (-model.s.detach()).exp().double()
     dens = torch.distributions.TransformedDistribution(
@@ -109,14 +112,14 @@ def test_training_on_8gaussians_learns_a_density():
     x_test = nice.toy_data("8gaussians", 5_000, torch.Generator().manual_seed(1))
     cfg = nice.resolve(nice.Config(dataset="8gaussians"))
     model = nice.NICE(2, cfg.n_couplings, cfg.hidden, cfg.n_hidden)
-    nll0 = nice.evaluate(model, x_test, cfg, torch.device("cpu"))["test_nll_nats"]
+    nll0 = nice.evaluate(model, x_test, cfg)["test_nll_nats"]
     model.init_scale(x_train[:2000])
     opt = torch.optim.Adam(model.parameters(), lr=3e-3, betas=(0.9, 0.99), eps=1e-4)
     g = torch.Generator().manual_seed(0)
     for _ in range(400):
         loss, _ = model(x_train[torch.randint(len(x_train), (512,), generator=g)])
         opt.zero_grad(), loss.backward(), opt.step()
-    nll = nice.evaluate(model, x_test, cfg, torch.device("cpu"))["test_nll_nats"]
+    nll = nice.evaluate(model, x_test, cfg)["test_nll_nats"]
     # the best single Gaussian (data mean and covariance) is an independent bar the flow must clear
     gauss = -torch.distributions.MultivariateNormal(x_train.mean(0), torch.cov(x_train.T)).log_prob(x_test).mean()
     assert nll < nll0 - 0.7 and nll < gauss.item() - 0.5, (nll0, nll, gauss.item())
@@ -141,29 +144,35 @@ def test_train_in_process_on_mnist_files(data_dir, tmp_path):
     assert res["test_bpd"] == saved["test_bpd"]
 
 
-def test_cli_fashion_then_resume_then_eval_only(cli, data_dir, tmp_path):
-    args = ["--dataset", "fashion", "--data_dir", data_dir, "--out_dir", tmp_path, "--fid_samples", "0",
+def test_cli_fashion_then_resume_then_eval_only(cli, data_dir, tmp_path, capsys):
+    args = ["--dataset", "fashion", "--data_dir", str(data_dir), "--out_dir", str(tmp_path), "--fid_samples", "0",
             "--hidden", "16", "--n_hidden", "1", "--batch_size", "32", "--eval_every", "10", "--log_every", "5"]
     r = cli("nice.py", *args, "--max_steps", "10")
     assert r.returncode == 0, r.stderr
     assert "FINAL nice fashion test_bpd=" in r.stdout.strip().splitlines()[-1]
-    r = cli("nice.py", *args, "--max_steps", "20", "--resume", "true")
-    assert r.returncode == 0, r.stderr
-    assert "loaded" in r.stdout and "at step 10" in r.stdout and "step 15/20" in r.stdout and "step 5/" not in r.stdout
+    # resume and eval_only through parse_args, in-process (each subprocess costs seconds of importing torch)
+    nice.train(nice.parse_args([*args, "--max_steps", "20", "--resume", "true"]))
+    out = capsys.readouterr().out
+    assert "loaded" in out and "at step 10" in out and "step 15/20" in out and "step 5/" not in out
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 20
     # eval_only rebuilds the architecture from the checkpoint, whatever --hidden says now
-    r = cli("nice.py", *args[:-6], "--hidden", "999", "--eval_only", "true")
-    assert r.returncode == 0, r.stderr
+    res = nice.train(nice.parse_args([*args[:-6], "--hidden", "999", "--eval_only", "true"]))
+    assert res["steps"] == 20 and res["config"]["hidden"] == 16
     assert json.loads((tmp_path / "results.json").read_text())["steps"] == 20
 
 
-def test_cli_toy_writes_density(cli, tmp_path):
-    r = cli("nice.py", "--dataset", "moons", "--out_dir", tmp_path, "--max_steps", "100", "--hidden", "16")
-    assert r.returncode == 0, r.stderr
+def test_cli_toy_under_torchrun_writes_density(tmp_path):
+    # the command line on a toy set, launched by torchrun as two gloo processes (DDP): only rank 0 prints and writes
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "nice.py",
+           "--dataset", "moons", "--out_dir", str(tmp_path), "--max_steps", "100", "--hidden", "16", "--device", "cpu"]
+    r = subprocess.run(cmd, cwd=os.path.dirname(nice.__file__), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "density.png").exists() and (tmp_path / "loss.png").exists()
     res = json.loads((tmp_path / "results.json").read_text())
-    assert res["test_bpd"] is None and math.isfinite(res["test_nll_nats"])
-    assert "test_nll_nats=" in r.stdout.strip().splitlines()[-1]
+    assert res["test_bpd"] is None and math.isfinite(res["test_nll_nats"]) and res["steps"] == 100
+    assert "test_nll_nats=" in r.stdout.strip().splitlines()[-1] and r.stdout.count("FINAL") == 1
+    log = (tmp_path / "log.txt").read_text()
+    assert "processes 2" in log and log.count("FINAL") == 1
 
 
 def test_cli_errors_are_one_line(cli, tmp_path):
@@ -198,6 +207,8 @@ def test_checkpoint_errors_and_nan_keeps_last_good(tmp_path):
     with pytest.raises(SystemExit, match="non-finite .* last good checkpoint"):
         nice.train(nice.Config(max_steps=30, resume=True, **{**cfg, "lr": 1e30}))
     assert (tmp_path / "ckpt.pt").read_bytes() == good  # never overwritten by a bad model
+    res = nice.train(nice.Config(out_dir=str(tmp_path), eval_only=True))  # --dataset (default fashion) from the ckpt
+    assert res["config"]["dataset"] == "checkerboard" and res["steps"] == 10 and math.isfinite(res["test_nll_nats"])
     (tmp_path / "ckpt.pt").write_bytes(good[: len(good) // 2])
     with pytest.raises(SystemExit, match="cannot read checkpoint"):
         nice.train(nice.Config(max_steps=20, resume=True, **cfg))
