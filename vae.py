@@ -73,11 +73,16 @@ CHOICES = {"dataset": tuple(DATASETS), "likelihood": LIKELIHOODS, "dtype": ("flo
 def parse_args(argv=None) -> Config:
     fmt = type("Fmt", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {})
     p = argparse.ArgumentParser(description=__doc__, formatter_class=fmt)
-    as_bool = lambda s: {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[s.lower()]
     for f in dataclasses.fields(Config):
-        kind = as_bool if f.type is bool else f.type
+        kind = boolean if f.type is bool else f.type
         p.add_argument(f"--{f.name}", type=kind, default=f.default, choices=CHOICES.get(f.name), help=f.type.__name__)
     return Config(**vars(p.parse_args(argv)))
+
+
+def boolean(s):  # argparse turns the ValueError into a one-line "invalid boolean value" error
+    if s.lower() not in ("true", "1", "yes", "false", "0", "no"):
+        raise ValueError(s)
+    return s.lower() in ("true", "1", "yes")
 
 
 def fail(msg):

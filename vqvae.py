@@ -70,13 +70,18 @@ class Config:
 
 
 
+def boolean(s):  # argparse turns the ValueError into a one-line "invalid boolean value" error
+    if s.lower() not in ("true", "1", "yes", "false", "0", "no"):
+        raise ValueError(s)
+    return s.lower() in ("true", "1", "yes")
+
+
 def parse_args(argv=None) -> Config:
     fmt = type("Fmt", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {})
     p = argparse.ArgumentParser(prog="vqvae.py", description=__doc__, formatter_class=fmt)
-    as_bool = lambda s: {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[s.lower()]
     choices = {"dataset": tuple(DATASETS), "dtype": ("float32", "bfloat16")}
     for f in dataclasses.fields(Config):
-        p.add_argument(f"--{f.name}", type=as_bool if f.type is bool else f.type, default=f.default,
+        p.add_argument(f"--{f.name}", type=boolean if f.type is bool else f.type, default=f.default,
                        choices=choices.get(f.name), help=f.type.__name__)
     return Config(**vars(p.parse_args(argv)))
 

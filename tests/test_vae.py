@@ -198,3 +198,11 @@ def test_cli_error_is_one_line(tmp_path, cli):
     r = cli("vae.py", "--data_dir", tmp_path / "none", "--out_dir", tmp_path / "o", "--device", "cpu")
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert r.stderr.strip().count("\n") == 0 and "--data_dir" in r.stderr
+
+
+def test_bool_flags_parse_and_bad_values_are_one_line_errors(capsys):
+    assert vae.parse_args(["--flip", "false", "--resume", "YES"]).flip is False
+    assert vae.parse_args(["--binarize", "1"]).binarize is True
+    with pytest.raises(SystemExit):
+        vae.parse_args(["--resume", "maybe"])
+    assert "invalid boolean value: 'maybe'" in capsys.readouterr().err
