@@ -52,7 +52,7 @@ def main():
             loss, _ = fwd(x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))  # 0 = off, as glow.py
         opt.step()
 
     step()  # warm-up: allocator, kernels, compilation

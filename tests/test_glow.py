@@ -49,14 +49,15 @@ def tiny_model(variant=VARIANTS[0], shape=(1, 4, 4), L=2, seed=0, scale=0.1):
 # ----------------------------------------------------------------------------- layers
 
 @pytest.mark.parametrize("name", ["actnorm", "invconv_lu", "invconv_plain", "shuffle", "reverse",
-                                  "affine_sigmoid", "affine_exp", "additive"])
+                                  "affine_sigmoid", "affine_sigmoid_official", "affine_exp", "additive"])
 def test_layer_inverts_and_logdet_matches_jacobian(name):
     torch.manual_seed(0)
     C = 4
     layer = {"actnorm": lambda: glow.ActNorm(C), "invconv_lu": lambda: glow.InvConv1x1(C, lu=True),
              "invconv_plain": lambda: glow.InvConv1x1(C, lu=False), "shuffle": lambda: glow.InvConv1x1(C, "shuffle"),
              "reverse": lambda: glow.InvConv1x1(C, "reverse"),
-             "affine_sigmoid": lambda: glow.Coupling(C, 8, True, "sigmoid"),
+             "affine_sigmoid": lambda: glow.Coupling(C, 8, True, "sigmoid"),  # bounded: s in (0.5, 1)
+             "affine_sigmoid_official": lambda: glow.Coupling(C, 8, True, "sigmoid", scale_min=0.0),
              "affine_exp": lambda: glow.Coupling(C, 8, True, "exp"), "additive": lambda: glow.Coupling(C, 8, False)}[name]()
     layer = perturb(layer.to(D64))
     x = torch.randn(3, C, 3, 3, dtype=D64)
@@ -65,6 +66,64 @@ def test_layer_inverts_and_logdet_matches_jacobian(name):
     assert (layer.inverse(y) - x).abs().max() < 1e-8
     for i in range(3):  # per sample, against the brute-force Jacobian
         assert torch.allclose(logdet[i], jacobian_logdet(lambda v: layer(v)[0], x[i:i + 1]), atol=1e-8)
+
+
+def test_bounded_sigmoid_scale_caps_the_inverse_gain():
+    """The T=1 overflow: the inverse x_b = y_b / s - t of the official sigmoid(h + 2) scale has no bound on 1 / s, so a
+    coupling network that outputs h ~ -1000 (as a trained one did on inputs unlike the data) sends x_b to inf. With
+    s = s_min + (1 - s_min) sigmoid(h + 2) the gain is at most 1 / s_min, and forward(inverse(y)) is still y."""
+    torch.manual_seed(0)
+    y = 3 * torch.randn(4, 4, 3, 3)
+    for scale_min in (0.5, 0.0):
+        layer = perturb(glow.Coupling(4, 8, scale_min=scale_min))
+        with torch.no_grad():
+            layer.nn[-1].bias[1::2] = -1000.0  # the scale half of h (channels interleave t, h as the official code)
+        t, logs = layer.shift_logscale(*y.chunk(2, 1))
+        xb = layer.inverse(y).chunk(2, 1)[1]
+        if scale_min == 0:  # the official parametrization overflows: the bug the bound fixes
+            assert logs.min() < -500 and not xb.isfinite().all()
+            continue
+        assert logs.min() >= math.log(scale_min) - 1e-6 and xb.isfinite().all()
+        assert ((xb + t).abs() <= y.chunk(2, 1)[1].abs() / scale_min + 1e-5).all()
+        assert torch.allclose(layer(layer.inverse(y))[0], y, atol=1e-5)
+
+
+def stroke_images(n, size=8, seed=1):
+    """n uint8 [n, 1, size, size] images, each one horizontal white stroke on black (sharp, like digits)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.zeros(n, 1, size, size, dtype=torch.uint8)
+    rows, starts = torch.randint(0, size, (n,), generator=g), torch.randint(0, size // 2, (n,), generator=g)
+    lengths = torch.randint(2, size // 2 + 1, (n,), generator=g)
+    for i in range(n):
+        x[i, 0, rows[i], starts[i]:starts[i] + lengths[i]] = 255
+    return x
+
+
+def test_short_real_learning_run_gives_finite_samples_at_temperature_one():
+    """60 Adam steps on stroke images, then 1000 samples at T=1. With the default bounded scale every sample is
+    finite; the same run with the official unbounded sigmoid(h + 2) (--scale_min 0) overflows, which shows that
+    this setting reproduces the bug (on MNIST after 600 steps: 82% of T=1 samples were inf/NaN)."""
+    x = stroke_images(2048)
+    nonfinite = {}
+    for scale_min in (0.5, 0.0):
+        torch.manual_seed(0)
+        model = glow.Glow(glow.Config(L=2, K=4, hidden=16, scale_min=scale_min), (1, 8, 8))
+        model.data_init(x[:256])
+        opt, g = torch.optim.Adam(model.parameters(), lr=3e-3), torch.Generator().manual_seed(2)
+        first = None
+        for step in range(60):
+            for group in opt.param_groups:
+                group["lr"] = 3e-3 * min(1.0, (step + 1) / 20)
+            loss, _ = model(x[torch.randint(len(x), (64,), generator=g)], g)
+            first = first or loss.item()
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 50.0)
+            opt.step()
+        assert loss.item() < first - 1.0, (first, loss.item())  # it learned
+        y = model.sample(1000, 1.0, torch.Generator().manual_seed(0))
+        nonfinite[scale_min] = (~y.isfinite()).flatten(1).any(1).float().mean().item()
+    assert nonfinite[0.5] == 0.0 and nonfinite[0.0] > 0.0, nonfinite
 
 
 def test_squeeze_is_the_2x2_patch_reshape_and_inverts():
@@ -274,6 +333,7 @@ def test_metrics_end_to_end(data_dir, tmp_path):
     ({"device": "gpu0"}, "unknown --device 'gpu0'"),
     ({"n_bits": 9}, "--K, --hidden, .*--n_bits in 1..8"),
     ({"eval_every": 0}, "--K, --hidden, .*--\\*_every must be >= 1"),
+    ({"scale_min": 1.0}, "--K, --hidden, .*--scale_min in \\[0, 1\\)"),
 ])
 def test_bad_config_is_one_line_error(kw, msg):
     with pytest.raises(SystemExit, match=r"^glow.py: error: " + msg) as e:
