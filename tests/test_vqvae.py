@@ -164,8 +164,9 @@ def test_training_learns_and_uses_codes(tmp_path, data_dir):
 def test_real_mnist_short_run(tmp_path):
     res = vqvae.train(Config(dataset="mnist", data_dir=str(Path(__file__).resolve().parents[2] / "shared" / "data"),
                              out_dir=str(tmp_path / "run"), hidden=64, res_hidden=32, batch_size=64,
-                             max_steps=300, lr=2e-3, eval_every=1000, sample_every=1000, fid_samples=0))
-    assert res["test_mse"] < 0.015 and res["codes_used"] > 100  # a CPU run had train mse 0.0067 at step 300
+                             max_steps=300, eval_every=1000, sample_every=1000, fid_samples=0, device="cpu"))
+    # measured: test mse 0.0143, 510 codes used; a collapsed codebook (seen with lr 2e-3) gives 0.069 and 25 codes
+    assert res["test_mse"] < 0.02 and res["codes_used"] > 100
 
 
 def test_cli_fashion_metrics_flip_codes_resume_and_eval_only(tmp_path, data_dir, cli, capsys):
