@@ -49,7 +49,7 @@ def main():
     print(f"{'tokens':>6} | {'params':>7} | {'cache s':>8} | {'recompute s':>11} | {'speed-up':>8} | {'cache samples/s':>15} | identical")
     for T in lengths:
         torch.manual_seed(0)
-        model = pt.build_model(cfg, a.K, T, 0).to(a.device).eval()
+        model = pt.Prior(cfg, a.K, T).to(a.device).eval()
         n_params = sum(p.numel() for p in model.parameters()) / 1e6
         run = lambda cache: model.sample(a.batch, torch.Generator(a.device).manual_seed(0), use_cache=cache)
         run(True)  # warm-up

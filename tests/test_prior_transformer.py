@@ -27,7 +27,7 @@ def tiny(arch="gpt", **kw):
 
 def make_model(arch="gpt", n_classes=0, seed=0, **kw):
     torch.manual_seed(seed)
-    return pt.build_model(tiny(arch, **kw), K, T, n_classes).eval()
+    return pt.Prior(tiny(arch, **kw), K, T, n_classes).eval()
 
 
 # ----------------------------------------------------------------------------- model
@@ -62,19 +62,19 @@ def test_attn_drop_mask():
 
 
 def test_attention_dropout_matches_manual_softmax():
-    """sdpa with the boolean mask equals softmax(q k^T / sqrt(d) with masked entries at -inf) v."""
+    """sdpa with the boolean mask equals softmax(q k^T / sqrt(d) with masked entries at -inf) v, in a whole block."""
     cfg = tiny(attn_drop_p=0.4, n_head=2, n_embd=8)
     torch.manual_seed(0)
-    attn = pt.SelfAttention(cfg).train()
+    block = pt.Block(cfg).train()
     x = torch.randn(3, 7, 8)
     torch.manual_seed(5)
-    y = attn(x)
+    y = block(x)
     torch.manual_seed(5)
     mask = pt.attn_drop_mask(7, 0.4, (3, 2), "cpu")
-    q, k, v = attn.qkv(x).view(3, 7, 3, 2, 4).permute(2, 0, 3, 1, 4)
+    q, k, v = block.qkv(block.ln1(x)).view(3, 7, 3, 2, 4).permute(2, 0, 3, 1, 4)
     w = (q @ k.transpose(-1, -2) / 2.0).masked_fill(~mask, float("-inf")).softmax(-1)
-    expect = attn.proj((w @ v).transpose(1, 2).reshape(3, 7, 8))
-    assert torch.allclose(y, expect, atol=1e-5)
+    h = x + block.proj((w @ v).transpose(1, 2).reshape(3, 7, 8))
+    assert torch.allclose(y, h + block.mlp(block.ln2(h)), atol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ["gpt", "lstm"])
@@ -144,7 +144,7 @@ def test_loss_is_chain_rule_nll_and_sums_to_one(arch):
     assert math.isclose(stats["top5"].item(), hits.any(-1).float().mean().item(), abs_tol=1e-6)
     assert stats["top1"] <= stats["top5"] <= stats["top10"]
     torch.manual_seed(0)
-    toy = pt.build_model(tiny(arch), 3, 2, 0).eval()
+    toy = pt.Prior(tiny(arch), 3, 2, 0).eval()
     seqs = torch.tensor(list(itertools.product(range(3), repeat=2)))
     total = sum(math.exp(-2 * toy(s[None])[0].item()) for s in seqs)
     assert math.isclose(total, 1.0, rel_tol=1e-5)
@@ -153,7 +153,7 @@ def test_loss_is_chain_rule_nll_and_sums_to_one(arch):
 def test_conditional_model_is_fed_its_class():
     """Trained on grids whose every code is its class, the conditional model samples its class everywhere."""
     torch.manual_seed(0)
-    model = pt.build_model(tiny(), K, T, n_classes=4).train()
+    model = pt.Prior(tiny(), K, T, n_classes=4).train()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(60):
         y = torch.randint(4, (32,))
@@ -167,6 +167,9 @@ def test_conditional_model_is_fed_its_class():
     s = model.sample(12, torch.Generator().manual_seed(0), y)
     assert (s == y[:, None]).float().mean() > 0.8
     assert torch.equal(model.start(4, torch.arange(4)), torch.arange(K, K + 4))  # class tokens follow the codes
+    # generate() (sample grids, FID samples) asks for the classes in equal blocks, in order: one grid row per class
+    codes, per_s = pt.generate(model, lambda c: c, 12, tiny(temperature=0.0, eval_batch_size=5), seed=0)
+    assert torch.equal(codes, torch.arange(4).repeat_interleave(3)[:, None].expand(12, T)) and per_s > 0
 
 
 # ----------------------------------------------------------------------------- codes file and end to end
@@ -239,7 +242,7 @@ def test_train_end_to_end_in_process(tmp_path, fake_vqvae, arch, conditional):
     # the checkpoint rebuilds the model with no command line, and evaluates to the same numbers
     ck = torch.load(out / "ckpt.pt", weights_only=True)
     cfg = pt.Config(**ck["config"])
-    model = pt.build_model(cfg, ck["meta"]["codebook_size"], T, ck["meta"]["n_classes"])
+    model = pt.Prior(cfg, ck["meta"]["codebook_size"], T, ck["meta"]["n_classes"])
     model.load_state_dict(ck["model"])
     c = torch.load(codes, weights_only=True)
     ev = pt.evaluate(model, c["test"].reshape(64, -1).long(), c["test_labels"] if conditional else None, cfg)
@@ -344,18 +347,24 @@ def test_bad_input(tmp_path, fake_vqvae):
         pt.train(run_cfg(tmp_path, codes, eval_only=True, out_dir=str(tmp_path / "k")))
 
 
-def test_cli_errors_and_help(cli, tmp_path):
-    r = cli("prior_transformer.py", "--top_p", "0", "--device", "cpu")
-    assert r.returncode != 0 and "prior_transformer.py: error: --top_p must be in (0, 1]" in r.stderr
-    assert "Traceback" not in r.stderr
-    r = cli("prior_transformer.py", "-h")
-    assert r.returncode == 0 and "--attn_drop_p" in r.stdout and "Autoregressive prior" in r.stdout
+def test_command_line_errors_and_help(capsys):
+    """The flags come from Config; a bad value is one line, no traceback (`__main__` runs through the CLI below)."""
+    with pytest.raises(SystemExit, match=r"^prior_transformer.py: error: --top_p must be in \(0, 1\], got 0.0$") as e:
+        pt.train(pt.parse_args(["--top_p", "0", "--device", "cpu"]))
+    assert "\n" not in str(e.value)
+    cfg = pt.parse_args(["--flip", "no", "--conditional=yes", "--n_layer", "3", "--top_p=0.9"])
+    assert (cfg.flip, cfg.conditional, cfg.n_layer, cfg.top_p) == (False, True, 3, 0.9)
+    with pytest.raises(SystemExit) as e:
+        pt.parse_args(["-h"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "--attn_drop_p" in out and "Autoregressive prior" in out and "(default: 0.1)" in out
 
 
 # ----------------------------------------------------------------------------- with the real vqvae.py
 
 def test_end_to_end_with_vqvae_cli(cli, data_dir, tmp_path):
-    """tiny vqvae.py run -> codes.pt -> prior training -> decoded samples, all through the command lines."""
+    """tiny vqvae.py run -> codes.pt -> prior training -> decoded samples, all through the command lines, then a
+    one-line error on the command line (the only subprocesses of this file: each costs seconds of importing torch)."""
     pytest.importorskip("vqvae")
     vq_out, out = tmp_path / "vq", tmp_path / "prior"
     r = cli("vqvae.py", "--dataset", "mnist", "--data_dir", data_dir, "--out_dir", vq_out, "--device", "cpu",
@@ -375,6 +384,7 @@ def test_end_to_end_with_vqvae_cli(cli, data_dir, tmp_path):
     ck = torch.load(vq_out / "codes.pt", weights_only=True)["vqvae_ckpt"]
     with open(ck, "ab") as f:
         f.write(b"x")
-    cfg = pt.parse_args([str(a) for a in args] + ["--fid_samples", "0", "--out_dir", str(tmp_path / "p2")])
-    with pytest.raises(SystemExit, match="fingerprint mismatch"):
-        pt.train(cfg)
+    r = cli("prior_transformer.py", *args, "--fid_samples", "0", "--out_dir", tmp_path / "p2")  # a bad input, on the CLI
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().startswith("prior_transformer.py: error: ") and "fingerprint mismatch" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
