@@ -241,7 +241,7 @@ def evaluate(model, x_test, cfg, final=False):
     if final and cfg.iwae_k > 0:
         xs = x_test[: cfg.iwae_images or n]
         res[f"test_iwae{cfg.iwae_k}_nats"] = nll = iwae_nll(model, xs, cfg, g)
-        kind = f"iwae-{cfg.iwae_k}"
+        kind, res["iwae_test_images"] = f"iwae-{cfg.iwae_k}", len(xs)  # the bound may use a subset (--iwae_images)
     if cfg.likelihood == "logistic":  # a discrete likelihood of the 8-bit data: bits per dimension
         res["test_bpd"], res["test_bpd_kind"] = nll / (D * math.log(2)), kind
     elif cfg.binarize:
