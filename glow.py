@@ -14,7 +14,7 @@ paper's exp(h) is --scale_fn exp. Zero padding (not the official edge-aware one)
 Writes to out_dir: ckpt.pt, samples.png (T=0.7), samples_temps.png (a row per temperature), samples.npz,
 loss.png, log.txt, results.json (test_bpd; fid/precision/recall at --fid_temperature and over --sweep).
 """
-import argparse, dataclasses, json, math, os, re, sys, time  # noqa: E401
+import argparse, dataclasses, json, math, os, sys, time  # noqa: E401
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 import numpy as np
@@ -100,8 +100,12 @@ def check_config(cfg):  # validates the combination once; resolves L = 0 (auto) 
             or cfg.max_steps < 0 or not 1 <= cfg.n_bits <= 8 or not 0 <= cfg.scale_min < 1:
         fail("--K, --hidden, --batch_size, --eval_batch_size, --*_every must be >= 1, --max_steps >= 0, "
              "--n_bits in 1..8, --scale_min in [0, 1)")
-    if not re.fullmatch(r"[0-9., ]*", cfg.sweep):
+    try:
+        temperatures(cfg)
+    except ValueError:
         fail(f"--sweep must be comma-separated temperatures like 0.6,0.8 (got {cfg.sweep!r})")
+    if min(cfg.n_samples, cfg.fid_samples + 1, cfg.grad_clip + 1) < 1:
+        fail("--n_samples must be >= 1, --fid_samples and --grad_clip >= 0 (0 skips / switches off)")
     try:
         device = pick_device(cfg.device)
     except RuntimeError:
@@ -451,7 +455,7 @@ def train(cfg: Config) -> dict:
         dist.destroy_process_group()
     if rank != 0:
         return {}
-    res = {"test_bpd": evaluate(model, x_test, cfg), "test_bpd_kind": "exact", "test_bpd_n_bits": cfg.n_bits}
+    res = {"test_bpd": evaluate(model, x_test, cfg), "test_bpd_kind": "exact (dequantized density, 1 noise draw)", "test_bpd_n_bits": cfg.n_bits}
     save_pictures(model, cfg, final=True)
     res.update(generate_and_score(model, cfg, device))
     res.update(steps=step, wall_s=time.perf_counter() - t0, device=str(device), config=asdict(cfg),

@@ -371,7 +371,7 @@ def train(cfg: Config) -> dict:
     if rank != 0:
         return {}
     results = evaluate(model, x_test, cfg)  # test_bpd and test_loglik_nats (images) or test_nll_nats (toy)
-    res = {"test_bpd": None, "test_bpd_kind": None if toy else "exact", "fid": None, "precision": None,
+    res = {"test_bpd": None, "test_bpd_kind": None if toy else "exact (dequantized density, 1 noise draw)", "fid": None, "precision": None,
            "recall": None, "fid_features": None, **results}
     n = len(x_test) if toy else max(cfg.n_samples, cfg.fid_samples)
     images, res["sample_images_per_s"] = save_pictures(model, x_test, cfg, n, f"test NLL {res[key]:.3f} {unit}")

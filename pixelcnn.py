@@ -96,8 +96,9 @@ def check_config(cfg):
         fail(f"--output logistic_mix models all 256 values; it needs --levels 256 (got {cfg.levels})")
     if cfg.kernel < 3 or cfg.kernel % 2 == 0:
         fail(f"--kernel must be odd and >= 3 (got {cfg.kernel})")
-    if min(cfg.hidden, cfg.n_layers, cfg.n_mix, cfg.batch_size) < 1:
-        fail("--hidden, --n_layers, --n_mix and --batch_size must be >= 1")
+    if min(cfg.hidden, cfg.n_layers, cfg.n_mix, cfg.batch_size, cfg.eval_every, cfg.sample_every, cfg.log_every,
+           cfg.n_samples) < 1 or cfg.grad_clip < 0:
+        fail("--hidden, --n_layers, --n_mix, --batch_size, --*_every, --n_samples must be >= 1, --grad_clip >= 0")
     if cfg.hidden % (C := 3 if cfg.dataset == "cifar10" else 1):
         fail(f"--hidden must be a multiple of {C} on {cfg.dataset} (R/G/B groups); got {cfg.hidden}")
     if cfg.dtype == "bfloat16" and pick_device(cfg.device).type != "cuda":
@@ -225,7 +226,7 @@ class Model(nn.Module):
     def quantize(self, x_uint8):  # 0..255 -> 0..L-1
         return x_uint8.long() * self.L // 256
 
-    def to_uint8(self, q):  # 0..L-1 -> the centre of its bucket's range, shown as 0..255
+    def to_uint8(self, q):  # 0..L-1 -> evenly spaced over 0..255 (0 and 255 at the ends), for display and FID
         return (q.float() * 255 / (self.L - 1)).round().to(torch.uint8)
 
     def net_input(self, q):  # 0..L-1 -> [-1, 1] in the parameters' dtype
@@ -395,14 +396,15 @@ def train(cfg: Config) -> dict:
             model.load_state_dict(ckpt["model"])
             opt.load_state_dict(ckpt["optimizer"])
             g.set_state(ckpt["rng"]) if rank == 0 else g.manual_seed(cfg.seed + 1000 * rank + ckpt["step"])
+            step, history, evals = ckpt["step"], ckpt["history"], ckpt["evals"]
         except (RuntimeError, ValueError, KeyError) as e:
             fail(f"checkpoint {ckpt_path} does not fit this model: {str(e).splitlines()[0]}")
-        step, history, evals = ckpt["step"], ckpt["history"], ckpt["evals"]
         log(f"loaded {ckpt_path} at step {step}")
     fwd = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     fwd = torch.compile(fwd) if cfg.compile else fwd
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
     kind = "exact" if cfg.levels == 256 else f"exact, quantized to {cfg.levels} levels"
+    kind += ", conditional on the true class" if cfg.conditional else ""
     warmup = min(200, max(1, cfg.max_steps // 10))
 
     def checkpoint(results=None):  # never overwrite the last good checkpoint with a diverged model
@@ -425,7 +427,7 @@ def train(cfg: Config) -> dict:
             loss, stats = fwd(x, y_train[idx])  # labels are ignored unless --conditional
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)  # 0 = off
         opt.step()
         step, t_train = step + 1, t_train + time.perf_counter() - t_step
         if step % cfg.log_every == 0 or step == cfg.max_steps:

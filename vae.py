@@ -371,9 +371,9 @@ def train(cfg: Config) -> dict:
             model.load_state_dict(ckpt["model"])
             opt.load_state_dict(ckpt["optimizer"])
             g.set_state(ckpt["rng"]) if rank == 0 else g.manual_seed(cfg.seed + 1000 * rank + ckpt["step"])
+            step, history, evals = ckpt["step"], ckpt["history"], ckpt["evals"]
         except (RuntimeError, ValueError, KeyError) as e:
             fail(f"checkpoint {ckpt_path} does not fit this model: {str(e).splitlines()[0]}")
-        step, history, evals = ckpt["step"], ckpt["history"], ckpt["evals"]
         log(f"loaded {ckpt_path} at step {step}")
     fwd = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     fwd = torch.compile(fwd) if cfg.compile else fwd

@@ -272,7 +272,7 @@ def test_train_in_process_writes_everything_and_checkpoint_round_trips(data_dir,
     saved = json.loads((tmp_path / "results.json").read_text())
     for k in ("test_bpd", "train_images_per_s", "sample_images_per_s", "wall_s"):
         assert math.isfinite(saved[k]), k
-    assert saved["test_bpd_kind"] == "exact" and saved["steps"] == 6 and saved["device"] == "cpu"
+    assert saved["test_bpd_kind"] == "exact (dequantized density, 1 noise draw)" and saved["steps"] == 6 and saved["device"] == "cpu"
     assert "FINAL glow fashion test_bpd=" in (tmp_path / "log.txt").read_text().splitlines()[-1]
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     cfg = glow.Config(**ckpt["config"])  # the checkpoint alone rebuilds the model
@@ -334,6 +334,10 @@ def test_metrics_end_to_end(data_dir, tmp_path):
     ({"n_bits": 9}, "--K, --hidden, .*--n_bits in 1..8"),
     ({"eval_every": 0}, "--K, --hidden, .*--\\*_every must be >= 1"),
     ({"scale_min": 1.0}, "--K, --hidden, .*--scale_min in \\[0, 1\\)"),
+    ({"sweep": "0..7"}, "--sweep must be comma-separated temperatures"),
+    ({"sweep": "1 2"}, "--sweep must be comma-separated temperatures"),
+    ({"n_samples": 0}, "--n_samples must be >= 1"),
+    ({"fid_samples": -5}, "--n_samples must be >= 1, --fid_samples and --grad_clip >= 0"),
 ])
 def test_bad_config_is_one_line_error(kw, msg):
     with pytest.raises(SystemExit, match=r"^glow.py: error: " + msg) as e:

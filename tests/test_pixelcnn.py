@@ -245,7 +245,9 @@ def test_resume_eval_only_and_nan(data_dir, tmp_path, monkeypatch):
     (dict(output="logistic_mix", levels=4), "logistic_mix .* needs --levels 256"),
     (dict(levels=1), r"--levels must be in 2\.\.256"), (dict(levels=257), r"--levels must be in 2\.\.256"),
     (dict(dataset="cifar10", hidden=8), "multiple of 3"), (dict(kernel=4), "odd"),
-    (dict(dtype="bfloat16", device="cpu"), "bfloat16"), (dict(arch="lstm"), "unknown arch")])
+    (dict(dtype="bfloat16", device="cpu"), "bfloat16"), (dict(arch="lstm"), "unknown arch"),
+    (dict(log_every=0), r"--\*_every, --n_samples must be >= 1"), (dict(n_samples=0), "--n_samples must be >= 1"),
+    (dict(grad_clip=-1.0), "--grad_clip >= 0")])
 def test_bad_config(kw, match):
     with pytest.raises(SystemExit, match="pixelcnn.py: error: .*" + match):
         pixelcnn.train(Config(**{**TINY, **kw}))
