@@ -114,6 +114,8 @@ def check_config(cfg, K=None):
                      (not 0 < cfg.top_p <= 1, f"--top_p must be in (0, 1], got {cfg.top_p}"),
                      (cfg.sweep_samples < 1 or not (0 <= cfg.dropout < 1 and 0 <= cfg.attn_drop_p < 1),
                       "--sweep_samples must be >= 1, --dropout and --attn_drop_p in [0, 1)"),
+                     (min(cfg.batch_size, cfg.eval_batch_size, cfg.eval_every, cfg.sample_every, cfg.log_every,
+                          cfg.n_samples) < 1, "--batch_size, --eval_batch_size, --*_every, --n_samples must be >= 1"),
                      (cfg.dtype == "bfloat16" and pick_device(cfg.device).type != "cuda",
                       "--dtype bfloat16 is autocast on CUDA; use --dtype float32 on this device")]:
         if bad:
@@ -387,9 +389,11 @@ def train(cfg: Config) -> dict:
     codes, vq = load_codes(cfg, device)
     K, grid = int(codes["codebook_size"]), tuple(codes["grid"])
     check_config(cfg, K)
-    meta = {"codebook_size": K, "grid": list(grid), "n_classes": int(codes["train_labels"].max()) + 1 if cfg.conditional else 0}
+    meta = {"codebook_size": K, "grid": list(grid), "n_classes": int(codes["train_labels"].max()) + 1 if cfg.conditional else 0,
+            "dataset": codes["dataset"], "vqvae_sha256": codes["vqvae_sha256"]}  # a prior is tied to its codebook
     if ckpt is not None and ckpt.get("meta") != meta:
-        fail(f"codebook size mismatch: checkpoint {ckpt_path} models {ckpt.get('meta')} but the codes file has {meta}")
+        fail(f"checkpoint {ckpt_path} was trained on other codes (codebook size, grid, classes, dataset or VQ-VAE): "
+             f"it models {ckpt.get('meta')}, the codes file has {meta}")
     os.makedirs(cfg.out_dir, exist_ok=True)
     log = make_logger(os.path.join(cfg.out_dir, "log.txt"), master=rank == 0)
     torch.manual_seed(cfg.seed + rank)

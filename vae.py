@@ -34,7 +34,7 @@ import torchvision
 LIKELIHOODS = ("bernoulli", "gaussian_fixed_sigma", "gaussian_learned_sigma", "logistic")
 DATASETS = {"fashion": "FashionMNIST", "mnist": "MNIST", "cifar10": "CIFAR10"}
 FLIP_OK = {"fashion", "cifar10"}  # horizontal flips keep these datasets' images plausible, not digits
-ARCH_FIELDS = ("dataset", "likelihood", "binarize", "latent_dim", "hidden")  # define the network
+ARCH_FIELDS = ("dataset", "likelihood", "binarize", "sigma", "latent_dim", "hidden")  # define the model
 
 
 @dataclass
@@ -96,6 +96,10 @@ def check_config(cfg):
         fail(f"unknown likelihood {cfg.likelihood!r}; expected one of {', '.join(LIKELIHOODS)}")
     if cfg.binarize and cfg.likelihood != "bernoulli":
         fail(f"--binarize needs --likelihood bernoulli (got {cfg.likelihood})")
+    if min(cfg.latent_dim, cfg.hidden, cfg.batch_size, cfg.eval_every, cfg.sample_every, cfg.log_every,
+           cfg.n_samples) < 1 or min(cfg.max_steps, cfg.iwae_k, cfg.iwae_images, cfg.fid_samples) < 0 or cfg.sigma <= 0:
+        fail("--latent_dim, --hidden, --batch_size, --*_every, --n_samples must be >= 1, --max_steps, --iwae_k, "
+             "--iwae_images, --fid_samples >= 0, --sigma > 0")
     if cfg.dtype == "bfloat16" and pick_device(cfg.device).type != "cuda":
         fail("--dtype bfloat16 is autocast on CUDA; use --dtype float32 on this device")
 
@@ -312,7 +316,13 @@ def load_checkpoint(path, cfg):
 def pick_device(name):
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        fail(f"unknown --device {name!r}; expected auto, cpu, cuda, cuda:N or mps")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail(f"--device {name}: CUDA is not available here; use --device cpu")
+    return device
 
 
 def setup_distributed(device):
@@ -342,7 +352,7 @@ def plot_losses(history, evals, path):
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(*zip(*history), lw=0.8, label="train loss (-beta-ELBO)")
     ax.plot(*zip(*evals), "o-", label="test -ELBO")
-    ax.set(xlabel="step", ylabel="nats / image", yscale="log")
+    ax.set(xlabel="step", ylabel="nats / image", yscale="symlog")  # Gaussian decoders' -ELBO can be negative
     ax.legend()
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
@@ -426,7 +436,10 @@ def train(cfg: Config) -> dict:
     res = evaluate(model, x_test, cfg, final=True)
     save_pictures(model, x_test, cfg, cfg.out_dir)
     if cfg.fid_samples > 0:
-        res.update(generate_and_score(model, cfg, device))
+        try:
+            res.update(generate_and_score(model, cfg, device))
+        except (Exception, SystemExit) as e:  # a broken yardstick must not lose a finished run's results
+            log(f"metrics failed, fid left empty: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
     res.update(steps=step, wall_s=time.perf_counter() - t0, device=str(device), config=asdict(cfg),
                train_images_per_s=(step - start_step) * cfg.batch_size * world / t_train if t_train else None)
     if not cfg.eval_only:

@@ -340,8 +340,16 @@ def test_bad_input(tmp_path, fake_vqvae):
     pt.train(run_cfg(tmp_path, codes, max_steps=2, eval_every=2, out_dir=str(tmp_path / "k")))
     (tmp_path / "k2").mkdir()
     bigger = write_codes(tmp_path / "k2", codebook_size=2 * K)
-    with pytest.raises(SystemExit, match="codebook size mismatch"):
+    with pytest.raises(SystemExit, match="trained on other codes"):
         pt.train(run_cfg(tmp_path, bigger, max_steps=4, resume=True, out_dir=str(tmp_path / "k")))
+    # same K and grid, but made by a retrained VQ-VAE: the old prior must not be resumed or scored on them
+    (tmp_path / "k3").mkdir()
+    other = tmp_path / "k3" / "retrained_vq.pt"
+    other.write_bytes(b"another VQ-VAE checkpoint")
+    retrained = write_codes(tmp_path / "k3", vqvae_ckpt=str(other.resolve()), vqvae_sha256=sha(other))
+    for kw in (dict(resume=True, max_steps=4), dict(eval_only=True)):
+        with pytest.raises(SystemExit, match="trained on other codes"):
+            pt.train(run_cfg(tmp_path, retrained, out_dir=str(tmp_path / "k"), **kw))
     (tmp_path / "k" / "ckpt.pt").write_bytes(b"corrupt")
     with pytest.raises(SystemExit, match="cannot read checkpoint"):
         pt.train(run_cfg(tmp_path, codes, eval_only=True, out_dir=str(tmp_path / "k")))

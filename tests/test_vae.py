@@ -154,6 +154,10 @@ def test_torchrun_two_gloo_processes(data_dir, tmp_path):
     (dict(likelihood="poisson"), "unknown likelihood"),
     (dict(binarize=True, likelihood="logistic"), "--binarize needs --likelihood bernoulli"),
     (dict(dtype="bfloat16"), "bfloat16"),
+    (dict(log_every=0), r"--\*_every, --n_samples must be >= 1"),
+    (dict(sigma=0.0), "--sigma > 0"),
+    (dict(iwae_images=-1), "--iwae_images, --fid_samples >= 0"),
+    (dict(device="gpu0"), "unknown --device 'gpu0'"),
 ])
 def test_bad_config_gives_one_line_error(data_dir, tmp_path, kw, message):
     with pytest.raises(SystemExit, match=message):
@@ -206,3 +210,15 @@ def test_bool_flags_parse_and_bad_values_are_one_line_errors(capsys):
     with pytest.raises(SystemExit):
         vae.parse_args(["--resume", "maybe"])
     assert "invalid boolean value: 'maybe'" in capsys.readouterr().err
+
+
+def test_metrics_failure_keeps_the_results(data_dir, tmp_path, monkeypatch):
+    import sys
+    import types
+    broken = types.ModuleType("metrics")
+    broken.evaluate = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("yardstick broke"))
+    monkeypatch.setitem(sys.modules, "metrics", broken)
+    res = vae.train(tiny(data_dir, tmp_path, fid_samples=16, iwae_k=0))
+    assert "fid" not in res and math.isfinite(res["test_elbo_nats"])
+    assert os.path.exists(os.path.join(tmp_path, "run", "results.json"))
+    assert "metrics failed, fid left empty: RuntimeError: yardstick broke" in open(tmp_path / "run" / "log.txt").read()
