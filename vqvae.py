@@ -312,7 +312,7 @@ def plot_losses(history, path):
     import matplotlib.pyplot as plt
     steps, loss, mse = zip(*history)
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.semilogy(steps, loss, label="train loss (MSE on [-1, 1] + beta * commitment)")
+    ax.semilogy(steps, loss, label="train loss (MSE on [-1, 1] + VQ losses)")
     ax.semilogy(steps, mse, label="train MSE on [0, 1] pixels")
     ax.legend(title="x: step")
     fig.savefig(path, dpi=100, bbox_inches="tight")
@@ -323,7 +323,13 @@ def plot_losses(history, path):
 def pick_device(name):
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        fail(f"unknown --device {name!r}; expected auto, cpu, cuda, cuda:N or mps")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail(f"--device {name}: CUDA is not available here; use --device cpu")
+    return device
 
 
 def setup_distributed(device):
