@@ -152,7 +152,8 @@ class VAE(nn.Module):
         rec = self.log_px_given_z(x, self.decoder(z).float())  # likelihoods in float32 under autocast
         kl = gaussian_kl(mu.float(), logvar.float())
         loss = (-rec + self.cfg.beta * kl).mean()
-        return loss, {"rec": -rec.mean().item(), "kl": kl.mean().item(), "elbo": (rec - kl).mean().item()}
+        # nats per image, all as losses (lower is better): -log p(x|z), KL, and -ELBO = their sum (beta = 1)
+        return loss, {"rec": -rec.mean().item(), "kl": kl.mean().item(), "neg_elbo": (kl - rec).mean().item()}
 
     def log_weights(self, x, eps):
         """log w_k = log p(x|z_k) + log p(z_k) - log q(z_k|x), z_k = mu + sigma * eps[k]; eps: [K, B, latent]."""
