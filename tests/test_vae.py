@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 import os
@@ -10,7 +11,7 @@ import vae
 
 def tiny(data_dir, tmp_path, **kw):
     base = dict(dataset="mnist", data_dir=str(data_dir), out_dir=str(tmp_path / "run"), hidden=8, latent_dim=4,
-                batch_size=16, max_steps=6, log_every=2, eval_every=4, sample_every=3, iwae_k=4, iwae_images=16,
+                batch_size=16, max_steps=6, log_every=2, eval_every=4, iwae_k=4, iwae_images=16,
                 fid_samples=0, device="cpu", n_samples=16)
     return vae.Config(**{**base, **kw})
 
@@ -75,17 +76,17 @@ def test_iwae_k1_equals_single_sample_elbo_and_is_tighter(data_dir, tmp_path):
     assert iwae.mean() > lw.mean()
 
 
-@pytest.mark.parametrize("likelihood", vae.LIKELIHOODS)
+@pytest.mark.parametrize("likelihood", vae.CHOICES["likelihood"])
 def test_train_end_to_end_every_likelihood(data_dir, tmp_path, likelihood):
     cfg = tiny(data_dir, tmp_path, likelihood=likelihood, binarize=likelihood == "bernoulli")
     res = vae.train(cfg)
-    for name in ("ckpt.pt", "recon.png", "samples.png", "loss.png", "log.txt", "results.json"):
+    for name in ("ckpt.pt", "recon.png", "samples.png", "samples.npz", "loss.png", "log.txt", "results.json"):
         assert os.path.exists(os.path.join(cfg.out_dir, name)), name
     assert math.isfinite(res["test_elbo_nats"]) and res["steps"] == 6
     assert res["test_elbo_nats"] == pytest.approx(res["test_rec_nats"] + res["test_kl_nats"])
     assert math.isfinite(res["test_iwae4_nats"]) and res["iwae_test_images"] == 16  # first 16: not the ELBO's set
     assert ("test_bpd" in res) == (likelihood == "logistic")
-    assert ("test_nll_nats_binarized" in res) == (likelihood == "bernoulli")
+    assert res["test_iwae4_nats"] <= res["test_elbo_nats"] + 50  # same images would give <=; these are the first 16
 
 
 def test_cifar10_shapes(data_dir, tmp_path, cifar_no_md5):
@@ -95,7 +96,7 @@ def test_cifar10_shapes(data_dir, tmp_path, cifar_no_md5):
 
 def test_training_lowers_the_test_elbo(data_dir, tmp_path):
     cfg = tiny(data_dir, tmp_path, max_steps=60, eval_every=1000, log_every=30, iwae_k=0, hidden=16, batch_size=32)
-    first = vae.train(vae.Config(**{**vae.asdict(cfg), "max_steps": 1, "out_dir": str(tmp_path / "one")}))
+    first = vae.train(dataclasses.replace(cfg, max_steps=1, out_dir=str(tmp_path / "one")))
     assert vae.train(cfg)["test_elbo_nats"] < first["test_elbo_nats"] - 200
 
 
@@ -118,7 +119,7 @@ def test_eval_only_rebuilds_model_from_checkpoint(data_dir, tmp_path):
 def test_metrics_are_wired_in(data_dir, tmp_path):
     pytest.importorskip("metrics")
     res = vae.train(tiny(data_dir, tmp_path, fid_samples=64, iwae_k=0))
-    assert math.isfinite(res["fid"]) and res["fid_features"] and res["sample_images_per_s"] > 0
+    assert math.isfinite(res["fid"]) and res["fid_features"]
     assert os.path.exists(os.path.join(tmp_path, "run", "samples.npz"))
 
 
@@ -126,10 +127,10 @@ def test_command_line_end_to_end(data_dir, tmp_path, cli):
     out = tmp_path / "cli"
     r = cli("vae.py", "--dataset", "fashion", "--data_dir", data_dir, "--out_dir", out, "--max_steps", "4",
             "--hidden", "8", "--latent_dim", "4", "--batch_size", "8", "--log_every", "2", "--iwae_k", "2",
-            "--iwae_images", "8", "--fid_samples", "0", "--device", "cpu", "--flip", "false")
+            "--iwae_images", "8", "--fid_samples", "0", "--device", "cpu", "--binarize", "false")
     assert r.returncode == 0, r.stderr
     res = json.load(open(out / "results.json"))
-    assert res["steps"] == 4 and res["config"]["flip"] is False and res["device"] == "cpu"
+    assert res["steps"] == 4 and res["config"]["binarize"] is False and res["device"] == "cpu"
     assert all(math.isfinite(res[k]) for k in ("test_elbo_nats", "test_bpd", "train_images_per_s"))
     assert "FINAL vae fashion" in r.stdout
 
@@ -152,12 +153,11 @@ def test_torchrun_two_gloo_processes(data_dir, tmp_path):
 @pytest.mark.parametrize("kw,message", [
     (dict(dataset="svhn"), "unknown dataset"),
     (dict(likelihood="poisson"), "unknown likelihood"),
-    (dict(binarize=True, likelihood="logistic"), "--binarize needs --likelihood bernoulli"),
     (dict(dtype="bfloat16"), "bfloat16"),
-    (dict(log_every=0), r"--\*_every, --n_samples must be >= 1"),
-    (dict(sigma=0.0), "--sigma > 0"),
-    (dict(iwae_images=-1), "--iwae_images, --fid_samples >= 0"),
-    (dict(device="gpu0"), "unknown --device 'gpu0'"),
+    (dict(log_every=0), "--log_every must be >= 1, got 0"),
+    (dict(lr=-1.0), "--lr must be >= 0, got -1.0"),
+    (dict(iwae_images=-1), "--iwae_images must be >= 0, got -1"),
+    (dict(device="gpu0"), "--device gpu0 is not available here"),
 ])
 def test_bad_config_gives_one_line_error(data_dir, tmp_path, kw, message):
     with pytest.raises(SystemExit, match=message):
@@ -172,13 +172,18 @@ def test_missing_data_names_data_dir(tmp_path):
 def test_bad_checkpoints(data_dir, tmp_path):
     with pytest.raises(SystemExit, match="no checkpoint"):
         vae.train(tiny(data_dir, tmp_path, resume=True))
-    os.makedirs(tmp_path / "run")
+    os.makedirs(tmp_path / "run", exist_ok=True)
     open(tmp_path / "run" / "ckpt.pt", "wb").write(b"not a checkpoint")
     with pytest.raises(SystemExit, match="cannot read checkpoint"):
         vae.train(tiny(data_dir, tmp_path, eval_only=True))
     vae.train(tiny(data_dir, tmp_path, max_steps=2))
-    with pytest.raises(SystemExit, match="another model"):
-        vae.train(tiny(data_dir, tmp_path, resume=True, latent_dim=5))
+    # another architecture on the command line: the checkpoint's wins, and the log says so
+    res = vae.train(tiny(data_dir, tmp_path, resume=True, latent_dim=5, max_steps=3))
+    assert res["config"]["latent_dim"] == 4 and res["steps"] == 3
+    assert "its architecture: {" in open(tmp_path / "run" / "log.txt").read()
+    torch.save({"model": {}, "config": {"L": 2}}, tmp_path / "run" / "ckpt.pt")  # another script's
+    with pytest.raises(SystemExit, match=r"cannot read checkpoint .* \(KeyError\)"):
+        vae.train(tiny(data_dir, tmp_path, resume=True))
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
@@ -193,7 +198,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path
 
     monkeypatch.setattr(vae.VAE, "forward", exploding)
     with pytest.raises(SystemExit, match="non-finite loss at step 6; the last good checkpoint"):
-        vae.train(vae.Config(**{**vae.asdict(cfg), "max_steps": 10, "resume": True}))
+        vae.train(dataclasses.replace(cfg, max_steps=10, resume=True))
     kept = torch.load(os.path.join(cfg.out_dir, "ckpt.pt"), weights_only=True)
     assert kept["step"] == 4 and all(torch.equal(good["model"][k], kept["model"][k]) for k in good["model"])
 
@@ -205,7 +210,7 @@ def test_cli_error_is_one_line(tmp_path, cli):
 
 
 def test_bool_flags_parse_and_bad_values_are_one_line_errors(capsys):
-    assert vae.parse_args(["--flip", "false", "--resume", "YES"]).flip is False
+    assert vae.parse_args(["--compile", "false", "--resume", "YES"]).compile is False
     assert vae.parse_args(["--binarize", "1"]).binarize is True
     with pytest.raises(SystemExit):
         vae.parse_args(["--resume", "maybe"])
