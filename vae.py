@@ -1,9 +1,8 @@
 """Variational autoencoder (Kingma & Welling 2014) with beta-VAE (Higgins et al. 2017) and the IWAE
-bound (Burda et al. 2016). q(z|x) = N(mu, diag(sigma^2)) is a small CNN and p(x|z) a transposed CNN
-with one of four likelihoods (--likelihood): bernoulli (with --binarize: dynamically binarized data),
-gaussian_fixed_sigma, gaussian_learned_sigma (a sigma per channel, Rybkin et al. 2021) or logistic
-(default), a logistic discretized into the 256 pixel values, so -ELBO / (D log 2) bounds the bits/dim
-of 8-bit data. Deviations from the paper: conv nets, not MLPs; pictures show decoder means, not draws.
+bound (Burda et al. 2016). q(z|x) = N(mu, diag(sigma^2)) is a small CNN, p(x|z) a transposed CNN with
+one of four likelihoods (--likelihood): bernoulli (with --binarize: binarized data), gaussian_fixed_sigma,
+gaussian_learned_sigma (Rybkin et al. 2021) or logistic (default), 256 discretized logistic bins, so that
+-ELBO / (D log 2) bounds the bits/dim. Deviations: conv nets, not MLPs; pictures show decoder means.
     python vae.py --dataset fashion
 """
 import argparse
@@ -34,7 +33,7 @@ class VAE(nn.Module):
             nn.Linear(cfg.latent_dim, 512), nn.SiLU(), nn.Linear(512, 2 * h * s * s), nn.SiLU(),
             nn.Unflatten(1, (2 * h, s, s)), nn.ConvTranspose2d(2 * h, h, 4, 2, 1), nn.SiLU(),
             nn.ConvTranspose2d(h, channels * n_out, 4, 2, 1))
-        log_sigma = torch.full((channels,), math.log(cfg.sigma))  # the Gaussians' std per channel
+        log_sigma = torch.full((channels, 1, 1), math.log(cfg.sigma))  # the Gaussians' std per channel
         self.log_sigma = nn.Parameter(log_sigma, requires_grad=cfg.likelihood == "gaussian_learned_sigma")
 
     def encode(self, x):  # x: float [B, C, H, W] in [0, 1]
@@ -44,13 +43,11 @@ class VAE(nn.Module):
     def log_px_given_z(self, x, out):  # log p(x|z) in nats per image; out = decoder(z)
         if self.cfg.likelihood == "bernoulli":  # a proper likelihood when x is binary
             logp = -F.binary_cross_entropy_with_logits(out, x, reduction="none")
-        elif self.cfg.likelihood == "logistic":
-            mean, log_scale = out.chunk(2, dim=1)
-            logp = discretized_logistic_logp(x, mean, log_scale)
+        elif self.cfg.likelihood == "logistic":  # out: a mean and a log-scale per pixel
+            logp = discretized_logistic_logp(x, *out.chunk(2, dim=1))
         else:  # log N(x; sigmoid(out), sigma^2)
-            log_sigma = self.log_sigma.view(1, -1, 1, 1)
-            u = (x - torch.sigmoid(out)) / log_sigma.exp()
-            logp = -0.5 * u ** 2 - log_sigma - 0.5 * math.log(2 * math.pi)
+            u = (x - torch.sigmoid(out)) / self.log_sigma.exp()
+            logp = -0.5 * u ** 2 - self.log_sigma - 0.5 * math.log(2 * math.pi)
         return logp.flatten(1).sum(1)
 
     def decode(self, z):  # the decoder's mean image in [0, 1]: what the pictures show
@@ -89,8 +86,8 @@ def discretized_logistic_logp(x, mean, log_scale):  # of 8-bit x in [0, 1] (Sali
     inv_s = torch.exp(-log_scale)
     plus = inv_s * (x - mean + 1 / 255)  # the bin's upper edge
     minus = inv_s * (x - mean - 1 / 255)  # and its lower edge
-    log_cdf_plus = plus - F.softplus(plus)  # log sigmoid(plus): bin 0 takes (-inf, edge]
-    log_one_minus_cdf_minus = -F.softplus(minus)  # log(1 - sigmoid(minus)): bin 255 [edge, inf)
+    log_cdf_plus = F.logsigmoid(plus)  # bin 0 takes (-inf, edge]
+    log_one_minus_cdf_minus = F.logsigmoid(-minus)  # log(1 - sigmoid(minus)): bin 255 [edge, inf)
     cdf_delta = torch.sigmoid(plus) - torch.sigmoid(minus)
     mid = inv_s * (x - mean)  # where the bin mass underflows: density at the centre times 2/255
     log_pdf_mid = mid - log_scale - 2 * F.softplus(mid) - math.log(127.5)
@@ -142,16 +139,17 @@ def evaluate(model, x_test, cfg, iwae_k=0):  # test -ELBO terms (beta = 1), acti
     return res
 
 @torch.inference_mode()
-def save_samples(model, x_test, cfg, n=0):  # recon.png, samples.png; n samples -> samples.npz
+def save_samples(model, x_test, cfg, n=0):  # recon.png, samples.png; n more -> samples.npz
     g = torch.Generator(x_test.device).manual_seed(cfg.seed)
     x = to_input(x_test[: max(1, cfg.n_samples // 2)], cfg, g)
     recon = model.decode(model.encode(x)[0])  # through the posterior mean
     torchvision.utils.save_image(torch.cat([x, recon]), f"{cfg.out_dir}/recon.png")
     torchvision.utils.save_image(model.sample(cfg.n_samples, g), f"{cfg.out_dir}/samples.png")
-    imgs = torch.cat([model.sample(min(1000, n - i), g) for i in range(0, n, 1000)] or [x[:0]])
-    imgs = (imgs * 255).round().to(torch.uint8).cpu()
-    np.savez_compressed(f"{cfg.out_dir}/samples.npz", images=imgs.numpy())
-    return imgs
+    t0 = time.perf_counter()
+    imgs = (model.sample(n, g) * 255).round().to(torch.uint8).cpu()
+    if n > 0:
+        np.savez_compressed(f"{cfg.out_dir}/samples.npz", images=imgs.numpy())
+    return imgs, n / (time.perf_counter() - t0)  # and samples per second
 
 @dataclasses.dataclass
 class Config:
@@ -166,7 +164,8 @@ class Config:
     hidden: int = 64  # channels of the first conv (the second has twice as many)
     max_steps: int = 20000  # optimizer steps
     batch_size: int = 128  # images per step (per process under torchrun)
-    lr: float = 1e-3  # Adam, after a linear warmup of 200 steps
+    lr: float = 1e-3  # Adam, after the warmup
+    warmup_steps: int = 200  # linear learning-rate warmup
     seed: int = 0
     eval_every: int = 2000  # steps between test ELBOs, pictures and checkpoints
     log_every: int = 100  # steps between progress lines
@@ -201,13 +200,12 @@ def parse_args(argv=None) -> Config:
         p.add_argument(f"--{f.name}", type=kind, default=f.default, choices=CHOICES.get(f.name))
     return Config(**vars(p.parse_args(argv)))
 def setup(cfg):  # check cfg, pick the device (join torchrun's group), load ckpt.pt (its ARCH wins)
-    for f in dataclasses.fields(cfg):  # the choices, and no negative numbers (0 means off)
-        v = getattr(cfg, f.name)
-        if f.name in CHOICES and v not in CHOICES[f.name]:
-            fail(f"unknown {f.name} {v!r}; expected one of {', '.join(CHOICES[f.name])}")
-        least = 1 if f.name in ("batch_size", "log_every", "eval_every") else 0
+    for k, v in vars(cfg).items():  # the choices, and no negative numbers (0 means off)
+        if k in CHOICES and v not in CHOICES[k]:
+            fail(f"unknown {k} {v!r}; expected one of {', '.join(CHOICES[k])}")
+        least = 1 if k in ("batch_size", "log_every", "eval_every") else 0
         if type(v) in (int, float) and v < least:
-            fail(f"--{f.name} must be >= {least}, got {v}")
+            fail(f"--{k} must be >= {least}, got {v}")
     cfg.out_dir = cfg.out_dir or f"out/{os.path.basename(__file__)[:-3]}-{cfg.dataset}"
     os.makedirs(cfg.out_dir, exist_ok=True)
     name = cfg.device
@@ -219,10 +217,10 @@ def setup(cfg):  # check cfg, pick the device (join torchrun's group), load ckpt
         fail(f"--device {name} is not available here ({type(e).__name__}); try --device cpu")
     if cfg.dtype == "bfloat16" and not name.startswith("cuda"):
         fail("--dtype bfloat16 is autocast on CUDA; use --dtype float32 on this device")
-    if "WORLD_SIZE" in os.environ and name == "cuda":  # torchrun: a GPU per process, NCCL
+    if WORLD > 1 and name == "cuda":  # torchrun: a GPU per process, NCCL
         name = f"cuda:{os.environ['LOCAL_RANK']}"
         torch.cuda.set_device(name)
-    if "WORLD_SIZE" in os.environ:
+    if WORLD > 1:
         torch.distributed.init_process_group("nccl" if name.startswith("cuda") else "gloo")
     log(cfg, f"{cfg}\ntorch {torch.__version__} | device {name} | processes {WORLD}")
     if not (cfg.resume or cfg.eval_only):
@@ -252,12 +250,12 @@ def fid_metrics(imgs, cfg, device):  # metrics.py's FID, precision, recall of ui
         return {}
 def finish(cfg, res, curves, keys):  # loss.png, results.json and the FINAL line
     from matplotlib.figure import Figure
-    ax = Figure(figsize=(6, 4)).subplots()
-    ax.plot(*zip(*curves["train"]), lw=0.8, label="train")
+    ax = Figure().subplots()
+    ax.plot(*zip(*curves["train"]), label="train")
     ax.plot(*zip(*curves["test"]), "o-", label="test")
     ax.set(xlabel="step", ylabel=keys[0])
     ax.legend()
-    ax.figure.savefig(f"{cfg.out_dir}/loss.png", dpi=100, bbox_inches="tight")
+    ax.figure.savefig(f"{cfg.out_dir}/loss.png")
     res["config"] = dataclasses.asdict(cfg)
     with open(f"{cfg.out_dir}/results.json", "w") as f:
         json.dump(res, f, indent=2)
@@ -272,7 +270,7 @@ def train(cfg: Config) -> dict:
     x_train = load_split(cfg.dataset, cfg.data_dir, train=True)[0].to(device)  # all on the device
     x_test = load_split(cfg.dataset, cfg.data_dir, train=False)[0].to(device)
     torch.manual_seed(cfg.seed + RANK)  # DDP gives every rank rank 0's initial weights
-    model = VAE(cfg, x_train.shape[1], x_train.shape[2]).to(device)
+    model = VAE(cfg, *x_train.shape[1:3]).to(device)  # channels, size
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     g = torch.Generator(device).manual_seed(cfg.seed + 1000 * RANK)  # batches and binarization
     step, curves = 0, {"train": [], "test": []}  # curves: (step, loss) pairs for loss.png
@@ -285,27 +283,29 @@ def train(cfg: Config) -> dict:
             g.set_state(ckpt["rng"])  # rank 0 continues exactly
     fwd = nn.parallel.DistributedDataParallel(model) if WORLD > 1 else model
     fwd = torch.compile(fwd) if cfg.compile else fwd
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=cfg.dtype == "bfloat16")
     t0 = time.perf_counter()
+    t_train = 0.0  # seconds in training steps, for img/s
     start = step
     while step < cfg.max_steps and not cfg.eval_only:
+        t_step = time.perf_counter()
         x = x_train[torch.randint(len(x_train), (cfg.batch_size,), device=device, generator=g)]
         for group in opt.param_groups:
-            group["lr"] = cfg.lr * min(1.0, (step + 1) / 200)  # linear warmup
-        with autocast:
+            group["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+        with torch.autocast(device.type, torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
             loss, stats = fwd(to_input(x, cfg, g))
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad()
         loss.backward()
         opt.step()
         step += 1
+        t_train += time.perf_counter() - t_step
         if step % cfg.log_every == 0 or step % cfg.eval_every == 0 or step == cfg.max_steps:
             curves["train"].append((step, loss.item()))  # the device syncs at log steps only
             if not math.isfinite(loss.item()):  # every rank stops, before a diverged model is saved
                 fail(f"non-finite loss at step {step}; the last good checkpoint is kept")
-            speed = (step - start) * cfg.batch_size * WORLD / (time.perf_counter() - t0)  # with evals
+            speed = (step - start) * cfg.batch_size * WORLD / t_train
+            eta = (cfg.max_steps - step) * (time.perf_counter() - t0) / (step - start) / 60
             log(cfg, f"step {step}/{cfg.max_steps} | loss {loss.item():.2f} | rec {stats['rec'].item():.2f}"
-                f" | kl {stats['kl'].item():.2f} nats | {speed:.0f} img/s"
-                f" | eta {(cfg.max_steps - step) * cfg.batch_size * WORLD / speed / 60:.1f}m")
+                f" | kl {stats['kl'].item():.2f} nats | {speed:.0f} img/s | eta {eta:.1f}m")
         if RANK == 0 and (step % cfg.eval_every == 0 or step == cfg.max_steps):
             save_samples(model, x_test, cfg)
             curves["test"].append((step, evaluate(model, x_test, cfg)["test_elbo_nats"]))
@@ -319,7 +319,7 @@ def train(cfg: Config) -> dict:
     if RANK != 0:
         return {}
     res = evaluate(model, x_test, cfg, iwae_k=cfg.iwae_k)
-    imgs = save_samples(model, x_test, cfg, n=cfg.fid_samples)
+    imgs, res["sample_images_per_s"] = save_samples(model, x_test, cfg, n=cfg.fid_samples)
     res |= fid_metrics(imgs, cfg, device) if cfg.fid_samples else {}
     res |= {"steps": step, "wall_s": time.perf_counter() - t0, "device": str(device)}
     res["train_images_per_s"] = speed if step > start else None
