@@ -14,7 +14,6 @@ import platform
 import resource
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 
@@ -32,19 +31,20 @@ def main():
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads on CPU (0: torch's default)")
     args, rest = p.parse_known_args()
     cfg = glow.parse_args(rest)
-    glow.check_config(cfg)
+    shape = (3, 32, 32) if cfg.dataset == "cifar10" else (1, 28, 28)
+    cfg.L = cfg.L or (3 if shape[1] % 8 == 0 else 2)  # as glow.train: L = 0 is auto
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = glow.pick_device(cfg.device)
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if cfg.device == "auto" else cfg.device)
     base_rss = rss_mib()
     torch.manual_seed(cfg.seed)
-    shape = glow.SHAPES[cfg.dataset]
     model = glow.Glow(cfg, shape).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    opt = glow.OPTIMIZERS[cfg.optimizer](model.parameters(), lr=cfg.lr)
     x = torch.randint(0, 256, (cfg.batch_size, *shape), dtype=torch.uint8, device=device)
     model.data_init(x)
     fwd = torch.compile(model) if cfg.compile else model
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.dtype == "bfloat16" else nullcontext()
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=cfg.dtype == "bfloat16")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def step():
@@ -52,7 +52,6 @@ def main():
             loss, _ = fwd(x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))  # 0 = off, as glow.py
         opt.step()
 
     step()  # warm-up: allocator, kernels, compilation
