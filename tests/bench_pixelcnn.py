@@ -1,5 +1,5 @@
 """Benchmark: pixelcnn.py's fast sampler against the naive loop (the whole network on the whole image for every
-value), with the same uniform noise u [N, C, H, W], so both must give identical images.
+value, tests/test_pixelcnn.py's naive_sample), from the same generator seed, so both must give identical images.
 
     python tests/bench_pixelcnn.py                        # default network, 28x28x1, batch 1 (CPU: minutes)
     python tests/bench_pixelcnn.py --hidden 32 --n_layers 6 --size 16 --batch 4   # quicker check
@@ -17,6 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import pixelcnn  # noqa: E402
+from test_pixelcnn import naive_sample  # noqa: E402
 
 
 def main():
@@ -31,7 +32,7 @@ def main():
     p.add_argument("--hidden", type=int, default=d.hidden)
     p.add_argument("--n_layers", type=int, default=d.n_layers)
     p.add_argument("--kernel", type=int, default=d.kernel)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto: cuda if available, else cpu")
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
@@ -40,19 +41,18 @@ def main():
         torch.set_num_threads(a.threads)
     cfg = pixelcnn.Config(arch=a.arch, output=a.output, levels=a.levels, hidden=a.hidden, n_layers=a.n_layers,
                           kernel=a.kernel, dataset="cifar10" if a.channels == 3 else "mnist")
-    pixelcnn.check_config(cfg)
-    device = pixelcnn.pick_device(a.device)
-    dtype = getattr(torch, a.dtype)
+    pixelcnn.check(cfg)
+    device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if a.device == "auto" else a.device)
+    torch.set_default_dtype(getattr(torch, a.dtype))  # the model computes in the default dtype
     torch.manual_seed(a.seed)
-    model = pixelcnn.Model(cfg, (a.channels, a.size, a.size)).to(device, dtype).eval()
-    g = torch.Generator(device).manual_seed(a.seed)
-    u = torch.rand(a.batch, a.channels, a.size, a.size, device=device, generator=g, dtype=dtype)  # shared noise
+    model = pixelcnn.Model(cfg, (a.channels, a.size, a.size)).to(device).eval()
     rows, images = [], {}  # fast runs first, so it also pays any one-time warm-up
-    for name, fast in (("fast", True), ("naive", False)):
+    for name, sample in (("fast", model.sample), ("naive", lambda n, g: naive_sample(model, n, g))):
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         sync()
         t0 = time.perf_counter()
-        images[name] = model.sample(a.batch, u=u, fast=fast)
+        images[name] = sample(a.batch, torch.Generator(device).manual_seed(a.seed))  # the same noise
         sync()
         rows.append((name, time.perf_counter() - t0))
     same = (images["fast"] == images["naive"]).float().mean().item()
