@@ -18,6 +18,16 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import prior_transformer as pt  # noqa: E402
 
 
+@torch.inference_mode()
+def sample_by_recomputation(model, n, generator):
+    """Prior.sample without its KV cache: the whole prefix runs through the model at every step."""
+    seq = model.start(n)[:, None]
+    for _ in range(model.wpe.num_embeddings):
+        probs = model.logits(seq)[:, -1].softmax(-1)
+        seq = torch.cat([seq, torch.multinomial(probs, 1, generator=generator)], 1)
+    return seq[:, 1:].view(n, *model.grid)
+
+
 def timed(fn, repeats):
     best, out = float("inf"), None
     for _ in range(repeats):
@@ -49,9 +59,10 @@ def main():
     print(f"{'tokens':>6} | {'params':>7} | {'cache s':>8} | {'recompute s':>11} | {'speed-up':>8} | {'cache samples/s':>15} | identical")
     for T in lengths:
         torch.manual_seed(0)
-        model = pt.Prior(cfg, a.K, T).to(a.device).eval()
+        model = pt.Prior(cfg, a.K, (1, T)).to(a.device).eval()  # a 1 x T grid: T tokens
         n_params = sum(p.numel() for p in model.parameters()) / 1e6
-        run = lambda cache: model.sample(a.batch, torch.Generator(a.device).manual_seed(0), use_cache=cache)
+        sampler = {True: model.sample, False: lambda n, g: sample_by_recomputation(model, n, g)}
+        run = lambda cache: sampler[cache](a.batch, torch.Generator(a.device).manual_seed(0))
         run(True)  # warm-up
         t_cache, s_cache = timed(lambda: run(True), 3 * a.repeats)
         t_full, s_full = timed(lambda: run(False), a.repeats)

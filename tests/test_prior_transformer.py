@@ -27,7 +27,21 @@ def tiny(arch="gpt", **kw):
 
 def make_model(arch="gpt", n_classes=0, seed=0, **kw):
     torch.manual_seed(seed)
-    return pt.Prior(tiny(arch, **kw), K, T, n_classes).eval()
+    return pt.Prior(tiny(arch, **kw), K, GRID, n_classes).eval()
+
+
+@torch.no_grad()
+def sample_by_recomputation(model, n, generator, temperature=1.0, top_k=0, top_p=1.0):
+    """The reference for Prior.sample: the whole prefix recomputed at every step, no cache."""
+    seq = model.start(n)[:, None]
+    for _ in range(T):
+        logits = model.logits(seq)[:, -1]
+        code = logits.argmax(-1)
+        if temperature > 0:
+            probs = pt.filter_logits(logits / temperature, top_k, top_p).softmax(-1)
+            code = torch.multinomial(probs, 1, generator=generator)[:, 0]
+        seq = torch.cat([seq, code[:, None]], 1)
+    return seq[:, 1:].view(n, *GRID)
 
 
 # ----------------------------------------------------------------------------- model
@@ -68,7 +82,7 @@ def test_attention_dropout_matches_manual_softmax():
     block = pt.Block(cfg).train()
     x = torch.randn(3, 7, 8)
     torch.manual_seed(5)
-    y = block(x)
+    y = block(x, {})
     torch.manual_seed(5)
     mask = pt.attn_drop_mask(7, 0.4, (3, 2), "cpu")
     q, k, v = block.qkv(block.ln1(x)).view(3, 7, 3, 2, 4).permute(2, 0, 3, 1, 4)
@@ -92,9 +106,9 @@ def test_cache_equals_recomputation(arch):
 @pytest.mark.parametrize("kw", [{}, {"temperature": 0.7, "top_k": 5}, {"top_p": 0.8}])
 def test_sampling_with_and_without_cache_identical(arch, kw):
     model = make_model(arch)
-    a = model.sample(8, torch.Generator().manual_seed(3), use_cache=True, **kw)
-    b = model.sample(8, torch.Generator().manual_seed(3), use_cache=False, **kw)
-    assert a.shape == (8, T) and a.dtype == torch.long and 0 <= a.min() and a.max() < K
+    a = model.sample(8, torch.Generator().manual_seed(3), **kw)
+    b = sample_by_recomputation(model, 8, torch.Generator().manual_seed(3), **kw)
+    assert a.shape == (8, *GRID) and a.dtype == torch.long and 0 <= a.min() and a.max() < K
     assert torch.equal(a, b)
     c = model.sample(8, torch.Generator().manual_seed(4), **kw)
     assert not torch.equal(a, c)  # a different generator gives different samples
@@ -116,14 +130,18 @@ def test_filters_keep_exactly_the_right_tokens():
     assert torch.equal(kept[torch.isfinite(kept)], logits[torch.isfinite(kept)])
 
 
-def test_sample_logits_distribution_and_greedy():
-    logits = torch.log(torch.tensor([0.5, 0.3, 0.2])).expand(20000, 3)
+def test_sampling_distribution_and_greedy(monkeypatch):
+    """Prior.sample's draw from given logits: greedy at temperature 0, softmax(logits / T), top-k renormalized."""
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.2]))
+    model = pt.Prior(tiny(), 3, (1, 1)).eval()  # one code per grid, its logits fixed below
+    monkeypatch.setattr(model, "logits", lambda idx, cache=None, t0=0: logits.expand(len(idx), 1, 3))
     g = torch.Generator().manual_seed(0)
-    assert torch.equal(pt.sample_logits(logits, g, temperature=0), torch.zeros(20000, dtype=torch.long))
+    draw = lambda **kw: model.sample(20000, g, **kw).flatten()
+    assert torch.equal(draw(temperature=0), torch.zeros(20000, dtype=torch.long))
     for temp in (1.0, 2.0):
-        freq = torch.bincount(pt.sample_logits(logits, g, temperature=temp), minlength=3).float() / 20000
-        assert torch.allclose(freq, (logits[0] / temp).softmax(-1), atol=0.015)
-    freq = torch.bincount(pt.sample_logits(logits, g, top_k=2), minlength=3).float() / 20000
+        freq = torch.bincount(draw(temperature=temp), minlength=3).float() / 20000
+        assert torch.allclose(freq, (logits / temp).softmax(-1), atol=0.015)
+    freq = torch.bincount(draw(top_k=2), minlength=3).float() / 20000
     assert freq[2] == 0 and abs(freq[0] - 0.625) < 0.015  # renormalized over the two kept codes
 
 
@@ -144,7 +162,7 @@ def test_loss_is_chain_rule_nll_and_sums_to_one(arch):
     assert math.isclose(stats["top5"].item(), hits.any(-1).float().mean().item(), abs_tol=1e-6)
     assert stats["top1"] <= stats["top5"] <= stats["top10"]
     torch.manual_seed(0)
-    toy = pt.Prior(tiny(arch), 3, 2, 0).eval()
+    toy = pt.Prior(tiny(arch), 3, (1, 2), 0).eval()
     seqs = torch.tensor(list(itertools.product(range(3), repeat=2)))
     total = sum(math.exp(-2 * toy(s[None])[0].item()) for s in seqs)
     assert math.isclose(total, 1.0, rel_tol=1e-5)
@@ -153,7 +171,7 @@ def test_loss_is_chain_rule_nll_and_sums_to_one(arch):
 def test_conditional_model_is_fed_its_class():
     """Trained on grids whose every code is its class, the conditional model samples its class everywhere."""
     torch.manual_seed(0)
-    model = pt.Prior(tiny(), K, T, n_classes=4).train()
+    model = pt.Prior(tiny(), K, GRID, n_classes=4).train()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(60):
         y = torch.randint(4, (32,))
@@ -163,13 +181,15 @@ def test_conditional_model_is_fed_its_class():
         opt.step()
     model.eval()
     y = torch.arange(4).repeat_interleave(3)
-    assert (model.sample(12, None, y, temperature=0) == y[:, None]).all()  # greedy: the class everywhere
+    assert (model.sample(12, None, y, temperature=0) == y[:, None, None]).all()  # greedy: the class everywhere
     s = model.sample(12, torch.Generator().manual_seed(0), y)
-    assert (s == y[:, None]).float().mean() > 0.8
+    assert (s == y[:, None, None]).float().mean() > 0.8
     assert torch.equal(model.start(4, torch.arange(4)), torch.arange(K, K + 4))  # class tokens follow the codes
     # generate() (sample grids, FID samples) asks for the classes in equal blocks, in order: one grid row per class
-    codes, per_s = pt.generate(model, lambda c: c, 12, tiny(temperature=0.0, eval_batch_size=5), seed=0)
-    assert torch.equal(codes, torch.arange(4).repeat_interleave(3)[:, None].expand(12, T)) and per_s > 0
+    as_image = types.SimpleNamespace(decode_codes=lambda c: c[:, None] / 255)  # a "VQ-VAE" that shows the codes
+    imgs, per_s = pt.generate(model, as_image, 12, tiny(temperature=0.0), seed=0)
+    assert torch.equal(imgs[:, 0].long(), torch.arange(4).repeat_interleave(3)[:, None, None].expand(12, *GRID))
+    assert per_s > 0
 
 
 # ----------------------------------------------------------------------------- codes file and end to end
@@ -216,8 +236,7 @@ def write_codes(tmp_path, dataset="mnist", **override):
 
 def run_cfg(tmp_path, codes, **kw):
     base = dict(dataset="mnist", codes=str(codes), out_dir=str(tmp_path / "out"), device="cpu", max_steps=30,
-                batch_size=32, lr=3e-3, warmup_steps=5, eval_every=15, sample_every=30, log_every=10, n_samples=16,
-                fid_samples=0, eval_batch_size=50)
+                batch_size=32, lr=3e-3, warmup_steps=5, eval_every=15, log_every=10, n_samples=16, fid_samples=0)
     base.update(kw)
     return replace(tiny(), **base)
 
@@ -242,10 +261,10 @@ def test_train_end_to_end_in_process(tmp_path, fake_vqvae, arch, conditional):
     # the checkpoint rebuilds the model with no command line, and evaluates to the same numbers
     ck = torch.load(out / "ckpt.pt", weights_only=True)
     cfg = pt.Config(**ck["config"])
-    model = pt.Prior(cfg, ck["meta"]["codebook_size"], T, ck["meta"]["n_classes"])
+    model = pt.Prior(cfg, ck["meta"]["codebook_size"], ck["meta"]["grid"], 10 if cfg.conditional else 0)
     model.load_state_dict(ck["model"])
     c = torch.load(codes, weights_only=True)
-    ev = pt.evaluate(model, c["test"].reshape(64, -1).long(), c["test_labels"] if conditional else None, cfg)
+    ev = pt.evaluate(model, {"test": c["test"].long(), "test_labels": c["test_labels"]})
     assert math.isclose(ev["val_nats_per_code"], saved["val_nats_per_code"], rel_tol=1e-5)
 
 
@@ -264,7 +283,7 @@ def test_fid_and_sweep_in_process(tmp_path, fake_vqvae, data_dir):
     pytest.importorskip("metrics")
     codes = write_codes(tmp_path)
     res = pt.train(run_cfg(tmp_path, codes, data_dir=str(data_dir), fid_samples=40, sweep=True,
-                           sweep_temperatures="0.5,1.0", sweep_top_k="0,4", sweep_samples=20))
+                           sweep_temperatures=(0.5, 1.0), sweep_top_k=(0, 4), sweep_samples=20))
     for key in ("fid", "precision", "recall", "density", "coverage", "fid_features", "sample_images_per_s"):
         assert key in res and res[key] is not None, key
     assert math.isfinite(res["fid"]) and res["sample_images_per_s"] > 0
@@ -281,9 +300,9 @@ def test_broken_metrics_do_not_lose_the_run(tmp_path, fake_vqvae, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "metrics", types.SimpleNamespace(evaluate=evaluate))
     res = pt.train(run_cfg(tmp_path, write_codes(tmp_path), fid_samples=20))
-    assert res["fid"] is None and res["sample_images_per_s"] > 0 and math.isfinite(res["val_nats_per_code"])
+    assert res.get("fid") is None and res["sample_images_per_s"] > 0 and math.isfinite(res["val_nats_per_code"])
     assert (tmp_path / "out" / "samples.npz").exists() and (tmp_path / "out" / "results.json").exists()
-    assert "metrics.py failed, fid left empty: RuntimeError: feature net mismatch" in (tmp_path / "out" / "log.txt").read_text()
+    assert "metrics failed, fid left empty: RuntimeError: feature net mismatch" in (tmp_path / "out" / "log.txt").read_text()
 
 
 def test_resume_and_eval_only(tmp_path, fake_vqvae):
@@ -296,8 +315,10 @@ def test_resume_and_eval_only(tmp_path, fake_vqvae):
     # eval_only rebuilds from the checkpoint's config, whatever the command line says about the architecture
     again = pt.train(run_cfg(tmp_path, codes, eval_only=True, n_layer=5, n_embd=64))
     assert math.isclose(again["val_nats_per_code"], res["val_nats_per_code"], rel_tol=1e-5) and again["steps"] == 40
-    with pytest.raises(SystemExit, match="another model"):
-        pt.train(run_cfg(tmp_path, codes, max_steps=50, resume=True, n_embd=64))
+    # another architecture on the command line: the checkpoint's wins, and the log says so
+    res = pt.train(run_cfg(tmp_path, codes, max_steps=50, resume=True, n_embd=64, n_layer=5))
+    assert res["steps"] == 50 and res["config"]["n_embd"] == 32 and res["config"]["n_layer"] == 2
+    assert "its architecture: {" in (tmp_path / "out" / "log.txt").read_text()
 
 
 def test_non_finite_loss_keeps_the_last_good_checkpoint(tmp_path, fake_vqvae, monkeypatch):
@@ -309,7 +330,7 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint(tmp_path, fake_vqvae, mo
         return (loss * float("nan") if self.training and calls[0] > 7 else loss), stats
 
     monkeypatch.setattr(pt.Prior, "forward", diverging)
-    with pytest.raises(SystemExit, match="non-finite loss at step 10; the last good checkpoint .* is kept"):
+    with pytest.raises(SystemExit, match="non-finite loss at step 10; the last good checkpoint is kept"):
         pt.train(run_cfg(tmp_path, codes, max_steps=20, eval_every=5, log_every=5))
     ck = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
     assert ck["step"] == 5 and all(torch.isfinite(v).all() for v in ck["model"].values())
@@ -319,7 +340,7 @@ def test_bad_input(tmp_path, fake_vqvae):
     codes = write_codes(tmp_path)
     for kw, match in [({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"temperature": -1.0}, "temperature"),
                       ({"top_k": -1}, "top_k"), ({"top_k": K + 1}, "top_k must be in 1..K = 1..16"),
-                      ({"sweep": True, "sweep_top_k": "0,99"}, "top_k"), ({"sweep_temperatures": "a,b"}, "comma"),
+                      ({"sweep": True, "sweep_top_k": (0, 99)}, "top_k"),
                       ({"n_embd": 30, "n_head": 4}, "multiple"), ({"codes": str(tmp_path / "none.pt")}, "run `python vqvae.py --dataset mnist` first"),
                       ({"dataset": "fashion"}, "holds mnist codes"), ({"resume": True}, "no checkpoint"),
                       ({"eval_only": True}, "no checkpoint"), ({"dtype": "bfloat16"}, "CUDA")]:
@@ -329,9 +350,11 @@ def test_bad_input(tmp_path, fake_vqvae):
     with pytest.raises(SystemExit, match="not a codes file"):
         pt.train(run_cfg(tmp_path, tmp_path / "junk.pt"))
     c = torch.load(codes, weights_only=True)
-    for override, match in [({"train": c["train"] + K}, "codebook size mismatch"), ({"vqvae_sha256": "0" * 64}, "fingerprint"),
-                            ({"vqvae_ckpt": str(tmp_path / "gone.pt")}, "missing"), ({"train_labels": None}, "labels")]:
-        sub = tmp_path / match.replace(" ", "_")
+    for i, (override, match) in enumerate([({"train": c["train"] + K}, "not a codes file"),
+                                           ({"vqvae_sha256": "0" * 64}, "fingerprint"),
+                                           ({"vqvae_ckpt": str(tmp_path / "gone.pt")}, "missing"),
+                                           ({"train_labels": None}, "not a codes file")]):
+        sub = tmp_path / f"case{i}"
         sub.mkdir()
         path = write_codes(sub, **override)
         with pytest.raises(SystemExit, match=match):
@@ -355,17 +378,23 @@ def test_bad_input(tmp_path, fake_vqvae):
         pt.train(run_cfg(tmp_path, codes, eval_only=True, out_dir=str(tmp_path / "k")))
 
 
-def test_command_line_errors_and_help(capsys):
+def test_command_line_errors_and_help(tmp_path, fake_vqvae, capsys):
     """The flags come from Config; a bad value is one line, no traceback (`__main__` runs through the CLI below)."""
+    args = ["--dataset", "mnist", "--codes", str(write_codes(tmp_path)), "--out_dir", str(tmp_path / "out")]
     with pytest.raises(SystemExit, match=r"^prior_transformer.py: error: --top_p must be in \(0, 1\], got 0.0$") as e:
-        pt.train(pt.parse_args(["--top_p", "0", "--device", "cpu"]))
+        pt.train(pt.parse_args([*args, "--top_p", "0", "--device", "cpu"]))
     assert "\n" not in str(e.value)
-    cfg = pt.parse_args(["--flip", "no", "--conditional=yes", "--n_layer", "3", "--top_p=0.9"])
+    cfg = pt.parse_args(["--flip", "no", "--conditional=yes", "--n_layer", "3", "--top_p=0.9",
+                         "--sweep_temperatures", "0.5,1", "--sweep_top_k=0,32"])
     assert (cfg.flip, cfg.conditional, cfg.n_layer, cfg.top_p) == (False, True, 3, 0.9)
+    assert cfg.sweep_temperatures == (0.5, 1.0) and cfg.sweep_top_k == (0, 32)
+    with pytest.raises(SystemExit) as e:  # a sweep grid that is not comma-separated numbers: argparse's one line
+        pt.parse_args(["--sweep_temperatures", "a,b"])
+    assert e.value.code == 2 and "--sweep_temperatures: invalid numbers value: 'a,b'" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         pt.parse_args(["-h"])
     out = capsys.readouterr().out
-    assert e.value.code == 0 and "--attn_drop_p" in out and "Autoregressive prior" in out and "(default: 0.1)" in out
+    assert e.value.code == 0 and "--attn_drop_p" in out and "Autoregressive prior" in out
 
 
 # ----------------------------------------------------------------------------- with the real vqvae.py
@@ -376,13 +405,13 @@ def test_end_to_end_with_vqvae_cli(cli, data_dir, tmp_path):
     pytest.importorskip("vqvae")
     vq_out, out = tmp_path / "vq", tmp_path / "prior"
     r = cli("vqvae.py", "--dataset", "mnist", "--data_dir", data_dir, "--out_dir", vq_out, "--device", "cpu",
-            "--max_steps", "10", "--fid_samples", "0", "--eval_every", "10", "--sample_every", "10", "--log_every", "10",
-            "--hidden", "16", "--res_hidden", "8", "--n_res", "1", "--codebook_size", "32", "--code_dim", "8")
+            "--max_steps", "10", "--fid_samples", "0", "--eval_every", "10", "--log_every", "10",
+            "--hidden", "16", "--res_hidden", "8", "--codebook_size", "32", "--code_dim", "8")
     assert r.returncode == 0, r.stderr[-2000:]
     assert (vq_out / "codes.pt").exists()
     args = ["--dataset", "mnist", "--data_dir", data_dir, "--codes", vq_out / "codes.pt", "--out_dir", out,
             "--device", "cpu", "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--max_steps", "20",
-            "--eval_every", "10", "--sample_every", "20", "--log_every", "10", "--n_samples", "16"]
+            "--eval_every", "10", "--log_every", "10", "--n_samples", "16"]
     r = cli("prior_transformer.py", *args, "--fid_samples", "0")
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((out / "results.json").read_text())
