@@ -1,5 +1,7 @@
 """Tests of metrics.py against independent computations (closed forms, SVD / non-symmetric eigenvalue paths,
 brute-force distance matrices, naive loops). CPU only; the classifier is trained once on the synthetic data."""
+import contextlib
+import io
 import json
 import math
 import os
@@ -187,29 +189,42 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("metrics_cache")
 
 
+def feature_net_and_stdout(*args, **kw):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        net, ref = metrics.feature_net(*args, **kw)
+    return net, ref, out.getvalue()
+
+
 @pytest.fixture(scope="module")
 def mnist_net(data_dir, cache):
-    logs = []
-    net, ref = metrics.feature_net("mnist", data_dir, "classifier", torch.device("cpu"), str(cache), log=logs.append)
-    return net, ref, logs
+    return feature_net_and_stdout("mnist", data_dir, torch.device("cpu"), "classifier", str(cache))
 
 
 def test_classifier_learns_synthetic_classes_and_is_cached(mnist_net, data_dir, cache):
     net, ref, logs = mnist_net
     assert ref["classifier_test_acc"] >= 0.95  # the synthetic classes are separable
-    assert any("training" in line for line in logs)
+    assert "training" in logs
     files = sorted(p.name for p in cache.iterdir())
     assert any(f.startswith("classifier-mnist-v1-n512-") for f in files), files
     assert any(f.startswith("ref-mnist-classifier-v1-testn256-") for f in files), files
     assert not any(f.endswith(".tmp") for f in files)
-    assert ref["feats"].shape == (256, 128) and ref["sigma"].shape == (128, 128)
-    metrics._MEMO.clear()  # a fresh process: everything comes from the cache files, nothing is retrained
-    logs2 = []
-    net2, ref2 = metrics.feature_net("mnist", data_dir, "classifier", torch.device("cpu"), str(cache),
-                                     log=logs2.append)
-    assert logs2 == [] and ref2["classifier_test_acc"] == ref["classifier_test_acc"]
+    assert ref["feats"].shape == (256, 128) and ref["logits"].shape == (256, 10)
+    # again, as a fresh process would: everything comes from the cache files, nothing is retrained
+    net2, ref2, logs2 = feature_net_and_stdout("mnist", data_dir, "cpu", "classifier", str(cache))
+    assert logs2 == "" and ref2["classifier_test_acc"] == ref["classifier_test_acc"]
     x, _ = metrics.load_split("mnist", data_dir, train=False)
     assert torch.equal(metrics.extract(net2, x[:10], "cpu")[0], metrics.extract(net, x[:10], "cpu")[0])
+
+
+def test_classifier_cached_by_an_earlier_version_is_used(data_dir, tmp_path):
+    x, y = metrics.load_split("mnist", data_dir, train=True)
+    torch.manual_seed(0)
+    old = {"model": metrics.Classifier(1, 28).state_dict(), "test_acc": 0.5,  # the earlier file's keys
+           "train_fingerprint": metrics.fingerprint(x, y), "version": "v1"}
+    torch.save(old, tmp_path / f"classifier-mnist-v1-{metrics.fingerprint(x, y)}.pt")
+    net, ref, logs = feature_net_and_stdout("mnist", data_dir, "cpu", "classifier", str(tmp_path))
+    assert "training" not in logs and torch.equal(net.state_dict()["head.weight"], old["model"]["head.weight"])
 
 
 def test_fingerprint_separates_datasets():
@@ -249,10 +264,9 @@ def test_evaluate_keys_and_real_vs_synthetic_noise(mnist_net, data_dir, cache):
 def test_evaluate_cifar10_layout(cifar_no_md5, data_dir, tmp_path):
     x, y = metrics.load_split("cifar10", data_dir, train=True)
     assert x.shape == (512, 3, 32, 32) and x.dtype == torch.uint8 and y.dtype == torch.int64
-    res = metrics.evaluate(x[:64].numpy(), "cifar10", data_dir, "cpu", cache_dir=str(tmp_path), kid_subsets=5,
-                           log=lambda s: None)
+    res = metrics.evaluate(x[:64].numpy(), "cifar10", data_dir, "cpu", cache_dir=str(tmp_path), kid_subsets=5)
     assert res["n"] == 64 and np.isfinite(res["fid"]) and 0 <= res["precision"] <= 1
-    with pytest.raises(SystemExit, match=r"shape \[N, 3, 32, 32\] for cifar10"):
+    with pytest.raises(SystemExit, match=r"\(C, H, W\) = \(3, 32, 32\) for cifar10"):
         metrics.evaluate(torch.zeros(10, 1, 28, 28, dtype=torch.uint8), "cifar10", data_dir, "cpu")
 
 
@@ -280,9 +294,9 @@ def test_fid_blocks_pool_like_tensorflow():
 
     torch.manual_seed(0)
     x = torch.randn(2, 8, 9, 9)
-    for pool in (lambda t: torch.nn.functional.avg_pool2d(t, 3, 1, 1, count_include_pad=False),
-                 lambda t: torch.nn.functional.max_pool2d(t, 3, 1, 1)):
-        block = metrics._fid_block(tvi.InceptionA, pool)(8, 4).eval()
+    for max_pool, pool in ((False, lambda t: torch.nn.functional.avg_pool2d(t, 3, 1, 1, count_include_pad=False)),
+                           (True, lambda t: torch.nn.functional.max_pool2d(t, 3, 1, 1))):
+        block = metrics.fid_block(tvi.InceptionA, max_pool)(8, 4).eval()
         base = tvi.InceptionA(8, 4).eval()
         base.load_state_dict(block.state_dict())
         out, ref = block(x), base(x)
@@ -293,17 +307,17 @@ def test_fid_blocks_pool_like_tensorflow():
 
 def test_inception_preprocessing_is_bilinear_without_antialias():
     ramp = torch.arange(28.0).repeat(28, 1)[None, None] / 27  # x-coordinate ramp in [0, 1]
-    out = metrics.InceptionFeatures.preprocess(ramp)
+    out = metrics.inception_input(ramp)
     assert out.shape == (1, 3, 299, 299) and torch.equal(out[:, 0], out[:, 2])  # grey repeated to RGB
     src = ((torch.arange(299) + 0.5) * 28 / 299 - 0.5).clamp(0, 27)  # align_corners=False source coordinate
     assert torch.allclose(out[0, 0, 100], 2 * src / 27 - 1, atol=1e-5)  # linear interpolation, then 2x - 1
-    assert torch.allclose(metrics.InceptionFeatures.preprocess(torch.ones(1, 3, 32, 32)), torch.ones(1))
+    assert torch.allclose(metrics.inception_input(torch.ones(1, 3, 32, 32)), torch.ones(1))
 
 
 def test_inception_architecture_and_weights_file(tmp_path):
     torch.manual_seed(0)
     net = metrics.InceptionFeatures().eval()
-    sd = net.net.state_dict()
+    sd = net.state_dict()
     assert sd["fc.weight"].shape == (1008, 2048) and not any(k.startswith("AuxLogits") for k in sd)
     assert "Mixed_7c.branch_pool.conv.weight" in sd and "Conv2d_1a_3x3.bn.running_var" in sd
     torch.save(sd, tmp_path / "w.pth")
@@ -327,38 +341,48 @@ def test_missing_inception_weights_error(data_dir, cache, tmp_path):
 
 # ----------------------------------------------------------------------------- bad input: one-line errors
 @pytest.mark.parametrize("images,match", [
-    (torch.rand(10, 1, 28, 28), r"uint8 images in \[0, 255\].*got dtype torch.float32"),
-    (torch.zeros(10, 3, 28, 28, dtype=torch.uint8), r"shape \[N, 1, 28, 28\] for mnist, got shape \[10, 3, 28, 28\]"),
-    (torch.zeros(10, 1, 32, 32, dtype=torch.uint8), r"got shape \[10, 1, 32, 32\]"),
-    (torch.zeros(10, 28, 28, dtype=torch.uint8), r"got shape \[10, 28, 28\]"),
-    (torch.zeros(5, 1, 28, 28, dtype=torch.uint8), r"at least 6 images"),
-    ([[0]], r"torch tensor or numpy array"),
+    (torch.rand(10, 1, 28, 28), r"uint8 images.*got torch.float32 \[10, 1, 28, 28\] \(from \[0, 1\]"),
+    (torch.zeros(10, 3, 28, 28, dtype=torch.uint8), r"\(C, H, W\) = \(1, 28, 28\) for mnist, got torch.uint8 \[10, 3, 28"),
+    (torch.zeros(10, 1, 32, 32, dtype=torch.uint8), r"got torch.uint8 \[10, 1, 32, 32\]"),
+    (torch.zeros(10, 28, 28, dtype=torch.uint8), r"got torch.uint8 \[10, 28, 28\]"),
+    (torch.zeros(5, 1, 28, 28, dtype=torch.uint8), r"at least 6 uint8 images.*got torch.uint8 \[5, 1, 28, 28\]"),
+    ([[0]], r"uint8 images.*got torch.int64 \[1, 1\]"),  # a list: made a tensor, then refused
 ])
 def test_bad_images(images, match, data_dir, cache):
     with pytest.raises(SystemExit, match="metrics.py: error: .*" + match):
         metrics.evaluate(images, "mnist", data_dir, "cpu", cache_dir=str(cache))
 
 
-def test_non_finite_features_and_bad_dataset(mnist_net):
-    _, ref, _ = mnist_net
-    f = np.zeros((20, 128))
-    f[3, 4] = np.nan
+def test_non_finite_features_and_bad_dataset():
+    class BrokenNet(torch.nn.Module):  # features with one NaN, as a corrupt feature net would give
+        def forward(self, x):
+            h = torch.zeros(len(x), 128)
+            h[3, 4] = math.nan
+            return h, torch.zeros(len(x), 10)
+
     with pytest.raises(SystemExit, match="non-finite features"):
-        metrics.score(f, np.zeros((20, 10)), ref, "classifier")
-    with pytest.raises(SystemExit, match="dataset must be one of"):
+        metrics.extract(BrokenNet(), torch.zeros(20, 1, 28, 28, dtype=torch.uint8), "cpu")
+    with pytest.raises(SystemExit, match="unknown dataset 'svhn'"):
         metrics.evaluate(torch.zeros(10, 1, 28, 28, dtype=torch.uint8), "svhn", ".", "cpu")
+    with pytest.raises(SystemExit, match="or features 'vgg'"):
+        metrics.evaluate(torch.zeros(10, 1, 28, 28, dtype=torch.uint8), "mnist", ".", "cpu", "vgg")
 
 
 def test_bad_data_dir_and_cli_errors(tmp_path, cli, data_dir, cache):
-    with pytest.raises(SystemExit, match=r"--data_dir .*expected <data_dir>/MNIST/raw/train-images-idx3-ubyte"):
+    with pytest.raises(SystemExit, match=r"error: no mnist in --data_dir .*empty and its download failed"):
         metrics.load_split("mnist", tmp_path / "empty", train=True)
     with pytest.raises(SystemExit, match="error: give exactly one of"):
-        metrics.parse_args(["--dataset", "mnist"])
+        metrics.main(metrics.parse_args(["--dataset", "mnist"]))
     with pytest.raises(SystemExit, match="error: give exactly one of"):
-        metrics.parse_args(["--real_vs_real", "--train_classifier"])
+        metrics.main(metrics.parse_args(["--real_vs_real", "--train_classifier"]))
     with pytest.raises(SystemExit, match="--n_real must be >= 0"):
-        metrics.parse_args(["--real_vs_real", "--n_real", "-1"])
-    with pytest.raises(SystemExit, match=r"--samples .*missing.npz not found"):
+        metrics.main(metrics.parse_args(["--real_vs_real", "--n_real", "-1"]))
+    assert metrics.parse_args(["--real_vs_real"]).real_vs_real  # bare, or true / false
+    assert not metrics.parse_args(["--real_vs_real", "false", "--train_classifier=true"]).real_vs_real
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="error: --device cuda is not available here"):
+            metrics.main(metrics.parse_args(["--real_vs_real", "--device", "cuda"]))
+    with pytest.raises(SystemExit, match=r"--samples .*missing.npz \(FileNotFoundError\)"):
         metrics.main(metrics.parse_args(["--samples", str(tmp_path / "missing.npz")]))
     np.savez(tmp_path / "wrong.npz", x=np.zeros((10, 1, 28, 28), np.uint8))
     p = cli("metrics.py", "--dataset", "mnist", "--data_dir", data_dir, "--cache_dir", cache,
@@ -371,7 +395,7 @@ def test_real_mnist_classifier_and_floor():
     data = os.environ.get("MNIST_DIR", "/work/shared/data")
     if not os.path.isfile(os.path.join(data, "MNIST/raw/t10k-images-idx3-ubyte")):
         pytest.skip("real MNIST not found (set MNIST_DIR)")
-    net, ref = metrics.feature_net("mnist", data, "classifier", torch.device("cpu"))
+    net, ref = metrics.feature_net("mnist", data, torch.device("cpu"), "classifier")
     assert ref["classifier_test_acc"] >= 0.985  # measured 0.9887 (aim 0.99)
     x, _ = metrics.load_split("mnist", data, train=True)
     res = metrics.evaluate(x[:10000], "mnist", data, "cpu")  # measured fid 2.09, precision 0.87, recall 0.89
