@@ -197,7 +197,7 @@ def save_pictures(model, cfg):  # samples.png at --temperature; samples_temps.pn
     g = torch.Generator(model.top.device)
     y = model.sample(cfg.n_samples, cfg.temperature, g.manual_seed(cfg.seed))  # the same every time
     torchvision.utils.save_image(to_uint8(y) / 255, f"{cfg.out_dir}/samples.png")
-    temps = (0.0, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+    temps = (0.0, 0.5, 0.7, 0.8, 0.9, 1.0)
     y = torch.cat([model.sample(8, t, g.manual_seed(cfg.seed)) for t in temps])  # the same 8 eps
     torchvision.utils.save_image(to_uint8(y) / 255, f"{cfg.out_dir}/samples_temps.png")
 
@@ -261,8 +261,8 @@ def boolean(s):  # argparse turns the ValueError into a one-line "invalid boolea
 def parse_args(argv=None) -> Config:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(Config):
-        kind = boolean if f.type is bool else f.type
-        p.add_argument(f"--{f.name}", type=kind, default=f.default, choices=CHOICES.get(f.name))
+        p.add_argument(f"--{f.name}", type=boolean if f.type is bool else f.type, default=f.default,
+                       choices=CHOICES.get(f.name), help=f"default: {f.default!r}")
     return Config(**vars(p.parse_args(argv)))
 def setup(cfg):  # check cfg, pick the device (join torchrun's group), load ckpt.pt (its ARCH wins)
     for k, v in vars(cfg).items():  # the choices, and no negative numbers (0 means off)

@@ -262,8 +262,8 @@ def boolean(s):  # argparse turns the ValueError into a one-line "invalid boolea
 def parse_args(argv=None) -> Config:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(Config):
-        kind = boolean if f.type is bool else f.type
-        p.add_argument(f"--{f.name}", type=kind, default=f.default, choices=CHOICES.get(f.name))
+        p.add_argument(f"--{f.name}", type=boolean if f.type is bool else f.type, default=f.default,
+                       choices=CHOICES.get(f.name), help=f"default: {f.default!r}")
     return Config(**vars(p.parse_args(argv)))
 def setup(cfg):  # check cfg, pick the device (join torchrun's group), load ckpt.pt (its ARCH wins)
     for k, v in vars(cfg).items():  # the choices, and no negative numbers (0 means off)
