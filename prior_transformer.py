@@ -125,8 +125,9 @@ def load_codes(cfg, device):  # vqvae.py's codes.pt, checked, on the device; and
     from vqvae import file_fingerprint, load_vqvae  # lazily: the one cross-import
     try:  # the format: in vqvae.py's docstring
         c = torch.load(path, map_location="cpu", weights_only=True)
-        assert c["format"] == "vqvae-codes-v1" and None not in (c["train_labels"], c["test_labels"])
-        assert c["train"].max() < c["codebook_size"]  # the codes are of this codebook
+        ok = c["format"] == "vqvae-codes-v1" and None not in (c["train_labels"], c["test_labels"])
+        if not ok or c["train"].max() >= c["codebook_size"]:  # the codes are of this codebook
+            raise ValueError(c.get("format"))
     except Exception as e:
         fail(f"{path} is not a codes file of vqvae.py (labels, codes 0..K-1): {type(e).__name__}")
     if c["dataset"] != cfg.dataset:
