@@ -161,7 +161,6 @@ class Config:
     eval_only: bool = False  # load <out_dir>/ckpt.pt, evaluate and sample, no training
     n_samples: int = 64  # images in samples.png
     fid_samples: int = 10000  # samples for FID / precision / recall (images only); 0 skips them
-
     def __post_init__(self):  # the fields left at 0 take IMAGES' or TOY's value
         for k, v in (TOY if self.dataset in TOY_SETS else IMAGES).items():
             setattr(self, k, getattr(self, k) or v)
@@ -278,15 +277,16 @@ def train(cfg: Config) -> dict:
             g.set_state(ckpt["rng"])  # rank 0 continues exactly
     else:  # ours: s puts z of 2000 examples at the prior's std, not ~1000 Adam steps away
         x = x_train[torch.randint(len(x_train), (2000,), device=device, generator=g)]
-        with torch.no_grad():
-            std = math.pi / 3 ** 0.5 if cfg.prior == "logistic" else 1.0
-            model.s += torch.log(std / model.forward_flow(to_input(x, cfg, g))[0].std(0))
+        std = math.pi / 3 ** 0.5 if cfg.prior == "logistic" else 1.0
+        model.s.data += torch.log(std / model.forward_flow(to_input(x, cfg, g))[0].detach().std(0))
     fwd = nn.parallel.DistributedDataParallel(model) if WORLD > 1 else model
     fwd = torch.compile(fwd) if cfg.compile else fwd
     keys = ["test_nll_nats"] if toy else ["test_bpd", "test_loglik_nats", "fid"]  # [0]: the curves'
     t0 = time.perf_counter()
+    t_train = 0.0  # seconds in training steps, for img/s
     start = step
     while step < cfg.max_steps and not cfg.eval_only:
+        t_step = time.perf_counter()
         x = x_train[torch.randint(len(x_train), (cfg.batch_size,), device=device, generator=g)]
         if toy:  # the paper keeps the lr constant; on the toy sets it decays to 0 (cosine)
             for group in opt.param_groups:
@@ -297,13 +297,13 @@ def train(cfg: Config) -> dict:
         loss.backward()
         opt.step()
         step += 1
+        t_train += time.perf_counter() - t_step
         if step % cfg.log_every == 0 or step % cfg.eval_every == 0 or step == cfg.max_steps:
             nll = stats["nll_nats"].item()  # the device syncs at log steps only
             if not math.isfinite(nll):  # every rank stops, before a diverged model is saved
                 fail(f"non-finite loss at step {step}; the last good checkpoint is kept")
-            bpd = nll / model.D / math.log(2) + 8  # bits/dim of 8-bit images (see evaluate)
-            curves["train"].append((step, nll if toy else bpd))
-            speed = (step - start) * cfg.batch_size * WORLD / (time.perf_counter() - t0)  # evals too
+            curves["train"].append((step, nll if toy else nll / model.D / math.log(2) + 8))  # or bpd
+            speed = (step - start) * cfg.batch_size * WORLD / t_train
             log(cfg, f"step {step}/{cfg.max_steps} | train {curves['train'][-1][1]:.3f}"
                 f" {'nats' if toy else 'bpd'} | {speed:.0f} img/s"
                 f" | eta {(cfg.max_steps - step) * cfg.batch_size * WORLD / speed / 60:.1f}m")
