@@ -5,9 +5,11 @@ sum(s), p_H logistic or gaussian. Ours: no ZCA on cifar10; s set from one batch;
 """
 import argparse
 import dataclasses
+import inspect
 import json
 import math
 import os
+import re
 import time
 
 import numpy as np
@@ -144,7 +146,7 @@ def save_samples(model, x_test, cfg, n=0):  # samples.png (toy sets: density.png
 class Config:
     dataset: str = "fashion"  # fashion | mnist | cifar10, or a 2-D toy set (TOY_SETS)
     data_dir: str = "./data"  # torchvision's root: <data_dir>/FashionMNIST/raw/...
-    out_dir: str = ""  # empty: out/nice-<dataset>
+    out_dir: str = "out/nice-{dataset}"  # everything of the run
     prior: str = "logistic"  # p_H: logistic (paper) | gaussian
     n_couplings: int = 0  # additive coupling layers; 0: 4 (paper), 8 on a toy set
     hidden: int = 0  # units of each hidden layer of m; 0: 1000 (paper), 64 on a toy set
@@ -176,27 +178,28 @@ ARCH = ("dataset", "prior", "n_couplings", "hidden")  # fixed by ckpt.pt
 # -------------------------------------------------------------- scaffolding, the same in every model file
 RANK = int(os.environ.get("RANK", 0))  # this process under torchrun, of WORLD
 WORLD = int(os.environ.get("WORLD_SIZE", 1))
-def fail(msg):  # a one-line error for the user's mistakes, never a traceback
-    raise SystemExit(f"{os.path.basename(__file__)}: error: {msg}")
+NAME = os.path.basename(__file__)  # this file's name, in messages and checkpoints
+def fail(msg):  # a one-line error for the user's mistakes, never a traceback; exit status 1
+    raise SystemExit(f"{NAME}: error: {msg}")
 def boolean(s):  # argparse turns the ValueError into a one-line "invalid boolean value" error
     if s.lower() not in ("true", "1", "yes", "false", "0", "no"):
         raise ValueError(s)
     return s.lower() in ("true", "1", "yes")
-def parse_args(argv=None) -> Config:
+def parse_args(argv=None) -> Config:  # a flag per field; -h shows its comment and default
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(Config):
-        p.add_argument(f"--{f.name}", type=boolean if f.type is bool else f.type, default=f.default,
-                       choices=CHOICES.get(f.name), help=f"default: {f.default!r}")
+    notes = dict(re.findall(r"\n +(\w+): .+?  # (.+)", inspect.getsource(Config)))
+    for f in dataclasses.fields(Config):  # bools: --resume, --resume true, --resume no
+        kind = {"type": boolean, "nargs": "?", "const": True} if f.type is bool else {"type": f.type}
+        p.add_argument(f"--{f.name}", **kind, default=f.default, choices=CHOICES.get(f.name),
+                       help=f"{notes.get(f.name, '')} (default: {f.default})")
     return Config(**vars(p.parse_args(argv)))
-def setup(cfg):  # check cfg, pick the device (join torchrun's group), load ckpt.pt (its ARCH wins)
+def setup(cfg):  # check cfg, pick the device (join torchrun's group), make out_dir, load ckpt.pt
     for k, v in vars(cfg).items():  # the choices, and no negative numbers (0 means off)
         if k in CHOICES and v not in CHOICES[k]:
             fail(f"unknown {k} {v!r}; expected one of {', '.join(CHOICES[k])}")
-        least = 1 if k in ("batch_size", "log_every", "eval_every") else 0
+        least = 1 if k in ("max_steps", "batch_size", "log_every", "eval_every") else 0
         if type(v) in (int, float) and v < least:
             fail(f"--{k} must be >= {least}, got {v}")
-    cfg.out_dir = cfg.out_dir or f"out/{os.path.basename(__file__)[:-3]}-{cfg.dataset}"
-    os.makedirs(cfg.out_dir, exist_ok=True)
     name = cfg.device
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
@@ -211,17 +214,25 @@ def setup(cfg):  # check cfg, pick the device (join torchrun's group), load ckpt
         torch.cuda.set_device(name)
     if WORLD > 1:
         torch.distributed.init_process_group("nccl" if name.startswith("cuda") else "gloo")
-    log(cfg, f"{cfg}\ntorch {torch.__version__} | device {name} | processes {WORLD}")
+    cfg.out_dir = cfg.out_dir.replace("{dataset}", cfg.dataset)  # the default: out/<file>-<dataset>
+    try:  # a file or a read-only folder fails now, not after the training
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        log(cfg, f"{cfg}\ntorch {torch.__version__} | device {name} | processes {WORLD}")
+    except OSError as e:
+        fail(f"cannot write to --out_dir {cfg.out_dir} ({e.strerror})")
+    path = f"{cfg.out_dir}/ckpt.pt"
     if not (cfg.resume or cfg.eval_only):
         return torch.device(name), None
-    path = f"{cfg.out_dir}/ckpt.pt"
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        arch = {k: ckpt["config"][k] for k in ARCH}  # a KeyError: not a checkpoint of this file
-    except FileNotFoundError:
+    if not os.path.exists(path):
         fail(f"no checkpoint at {path} (train first, or check --out_dir)")
+    try:  # weights_only: tensors and plain types, all that our checkpoints hold
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        script, dataset = ckpt.get("script", "older code"), ckpt["config"]["dataset"]
     except Exception as e:
-        fail(f"cannot read checkpoint {path} ({type(e).__name__}); use another --out_dir")
+        fail(f"{path} is not a checkpoint these files wrote ({type(e).__name__})")
+    if (script, dataset) != (NAME, cfg.dataset):  # never evaluate another model or dataset silently
+        fail(f"{path} is {script}'s checkpoint of {dataset}, not {NAME}'s of {cfg.dataset}")
+    arch = {k: ckpt["config"][k] for k in ARCH}
     log(cfg, f"loaded {path} at step {ckpt['step']}; its architecture: {arch}")
     vars(cfg).update(arch)  # the checkpoint's architecture replaces the command line's
     return torch.device(name), ckpt
@@ -230,6 +241,16 @@ def log(cfg, msg):  # print, and append to log.txt in out_dir: on rank 0 only
         print(msg, flush=True)
         with open(f"{cfg.out_dir}/log.txt", "a") as f:
             f.write(msg + "\n")
+def stop_if_diverged(cfg, step, value, what="training loss", worst=math.inf):  # exit status 1
+    if not value < worst:  # inf, NaN, or worse than this model can be
+        saved = os.path.exists(f"{cfg.out_dir}/ckpt.pt")
+        fail(f"the {what} diverged at step {step} ({value:.4g}); "
+             + ("the last good ckpt.pt is kept" if saved else "no checkpoint was written"))
+def save_checkpoint(cfg, step, test, worst=math.inf, **state):  # atomic, and only if test < worst
+    stop_if_diverged(cfg, step, test, "test metric", worst)
+    state |= {"script": NAME, "step": step, "config": dataclasses.asdict(cfg)}
+    torch.save(state, f"{cfg.out_dir}/ckpt.tmp")
+    os.replace(f"{cfg.out_dir}/ckpt.tmp", f"{cfg.out_dir}/ckpt.pt")  # a kill keeps the old one
 def fid_metrics(imgs, cfg, device):  # metrics.py's FID, precision, recall of uint8 images
     try:
         import metrics  # lazily: a copied model file runs alone with --fid_samples 0
@@ -249,9 +270,17 @@ def finish(cfg, res, curves, keys):  # loss.png, results.json and the FINAL line
     with open(f"{cfg.out_dir}/results.json", "w") as f:
         json.dump(res, f, indent=2)
     shown = " ".join(f"{k}={res[k]:.4g}" for k in keys if k in res)
-    log(cfg, f"FINAL {os.path.basename(__file__)[:-3]} {cfg.dataset} {shown} steps={res['steps']} "
+    log(cfg, f"FINAL {NAME[:-3]} {cfg.dataset} {shown} steps={res['steps']} "
         f"time={res['wall_s']:.0f}s device={res['device']}")
     return res
+def main():  # the command line; a batch too big for the memory is a one-line error too
+    cfg = parse_args()
+    try:
+        train(cfg)
+    except RuntimeError as e:  # torch.OutOfMemoryError (CUDA, MPS), or the CPU allocator's
+        if "out of memory" not in str(e) and "can't allocate memory" not in str(e):
+            raise
+        fail(f"out of memory at --batch_size {cfg.batch_size}: {str(e).split(' Including')[0]}")
 
 # --------------------------------------------------------------------------- training
 def train(cfg: Config) -> dict:
@@ -300,8 +329,7 @@ def train(cfg: Config) -> dict:
         t_train += time.perf_counter() - t_step
         if step % cfg.log_every == 0 or step % cfg.eval_every == 0 or step == cfg.max_steps:
             nll = stats["nll_nats"].item()  # the device syncs at log steps only
-            if not math.isfinite(nll):  # every rank stops, before a diverged model is saved
-                fail(f"non-finite loss at step {step}; the last good checkpoint is kept")
+            stop_if_diverged(cfg, step, nll)  # on every rank, before a diverged model is saved
             curves["train"].append((step, nll if toy else nll / model.D / math.log(2) + 8))  # or bpd
             speed = (step - start) * cfg.batch_size * WORLD / t_train
             log(cfg, f"step {step}/{cfg.max_steps} | train {curves['train'][-1][1]:.3f}"
@@ -311,10 +339,9 @@ def train(cfg: Config) -> dict:
             save_samples(model, x_test, cfg)
             curves["test"].append((step, evaluate(model, x_test, cfg)[keys[0]]))
             log(cfg, f"eval step {step} | {keys[0]} {curves['test'][-1][1]:.4f}")
-            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                        "config": dataclasses.asdict(cfg), "curves": curves, "rng": g.get_state()},
-                       f"{cfg.out_dir}/ckpt.tmp")  # before the final evaluation
-            os.replace(f"{cfg.out_dir}/ckpt.tmp", f"{cfg.out_dir}/ckpt.pt")  # never half-written
+            save_checkpoint(cfg, step, curves["test"][-1][1], model=model.state_dict(),
+                            optimizer=opt.state_dict(), curves=curves, rng=g.get_state(),
+                            train_images_per_s=speed)
     if WORLD > 1:
         torch.distributed.destroy_process_group()
     if RANK != 0:
@@ -323,8 +350,8 @@ def train(cfg: Config) -> dict:
     imgs = save_samples(model, x_test, cfg, cfg.fid_samples)
     res |= fid_metrics(imgs, cfg, device) if cfg.fid_samples and not toy else {}
     res |= {"steps": step, "wall_s": time.perf_counter() - t0, "device": str(device)}
-    res["train_images_per_s"] = speed if step > start else None
+    res["train_images_per_s"] = speed if step > start else ckpt["train_images_per_s"]
     return finish(cfg, res, curves, keys)
 
 if __name__ == "__main__":
-    train(parse_args())
+    main()

@@ -9,9 +9,11 @@ token for the start token.
 """
 import argparse
 import dataclasses
+import inspect
 import json
 import math
 import os
+import re
 import time
 
 import numpy as np
@@ -119,9 +121,10 @@ def filter_logits(logits, top_k=0, top_p=1.0):  # -inf outside the top_k and the
 
 # --------------------------------------------------------------------------- data, evaluation, samples
 def load_codes(cfg, device):  # vqvae.py's codes.pt, checked, on the device; and its VQ-VAE
-    path = cfg.codes or f"out/vqvae-{cfg.dataset}/codes.pt"
+    path = cfg.codes.replace("{dataset}", cfg.dataset)
     if not os.path.exists(path):
-        fail(f"no codes file at {path}: run `python vqvae.py --dataset {cfg.dataset}` first")
+        fail(f"no codes file at {path}: run `python vqvae.py --dataset {cfg.dataset} --data_dir "
+             f"{cfg.data_dir} --out_dir {os.path.dirname(path)}` first")
     from vqvae import file_fingerprint, load_vqvae  # lazily: the one cross-import
     try:  # the format: in vqvae.py's docstring
         c = torch.load(path, map_location="cpu", weights_only=True)
@@ -133,9 +136,12 @@ def load_codes(cfg, device):  # vqvae.py's codes.pt, checked, on the device; and
     if c["dataset"] != cfg.dataset:
         fail(f"{path} holds {c['dataset']} codes but --dataset is {cfg.dataset}")
     ckpt = c["vqvae_ckpt"]
+    if not os.path.exists(ckpt):  # a moved folder: the VQ-VAE beside codes.pt
+        ckpt = os.path.join(os.path.dirname(path), "ckpt.pt")
     if not os.path.exists(ckpt) or file_fingerprint(ckpt) != c["vqvae_sha256"]:
-        fail(f"the VQ-VAE {ckpt} is missing or changed since it wrote {path} (fingerprint mismatch)"
-             ": rewrite the codes with vqvae.py --eval_only true --write_codes true")
+        fail(f"the VQ-VAE {ckpt} is missing or changed since it wrote {path}: rewrite the codes with "
+             f"`python vqvae.py --dataset {cfg.dataset} --data_dir {cfg.data_dir} --out_dir "
+             f"{os.path.dirname(ckpt)} --eval_only --write_codes`")
     if cfg.arch == "gpt" and cfg.n_embd % cfg.n_head:  # the flags setup cannot check
         fail(f"--n_embd {cfg.n_embd} must be a multiple of --n_head {cfg.n_head}")
     if not 0 < cfg.top_p <= 1:
@@ -201,8 +207,8 @@ def numbers(s):  # the type of a comma-separated flag: "0.7,1" -> (0.7, 1.0)
 class Config:
     dataset: str = "fashion"  # whose codes: fashion | mnist | cifar10
     data_dir: str = "./data"  # the real images, for the metrics only (FID against the test split)
-    codes: str = ""  # codes.pt written by vqvae.py; empty: out/vqvae-<dataset>/codes.pt
-    out_dir: str = ""  # empty: out/prior_transformer-<dataset>
+    codes: str = "out/vqvae-{dataset}/codes.pt"  # written by vqvae.py
+    out_dir: str = "out/prior_transformer-{dataset}"  # everything of the run
     arch: str = "gpt"  # gpt (Transformer) | lstm (recurrent baseline)
     n_layer: int = 8  # Transformer blocks (LSTM layers)
     n_head: int = 8  # attention heads
@@ -241,27 +247,28 @@ ARCH = ("arch", "n_layer", "n_head", "n_embd", "conditional")  # fixed by ckpt.p
 # -------------------------------------------------------------- scaffolding, the same in every model file
 RANK = int(os.environ.get("RANK", 0))  # this process under torchrun, of WORLD
 WORLD = int(os.environ.get("WORLD_SIZE", 1))
-def fail(msg):  # a one-line error for the user's mistakes, never a traceback
-    raise SystemExit(f"{os.path.basename(__file__)}: error: {msg}")
+NAME = os.path.basename(__file__)  # this file's name, in messages and checkpoints
+def fail(msg):  # a one-line error for the user's mistakes, never a traceback; exit status 1
+    raise SystemExit(f"{NAME}: error: {msg}")
 def boolean(s):  # argparse turns the ValueError into a one-line "invalid boolean value" error
     if s.lower() not in ("true", "1", "yes", "false", "0", "no"):
         raise ValueError(s)
     return s.lower() in ("true", "1", "yes")
-def parse_args(argv=None) -> Config:
+def parse_args(argv=None) -> Config:  # a flag per field; -h shows its comment and default
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(Config):
-        p.add_argument(f"--{f.name}", type=boolean if f.type is bool else f.type, default=f.default,
-                       choices=CHOICES.get(f.name), help=f"default: {f.default!r}")
+    notes = dict(re.findall(r"\n +(\w+): .+?  # (.+)", inspect.getsource(Config)))
+    for f in dataclasses.fields(Config):  # bools: --resume, --resume true, --resume no
+        kind = {"type": boolean, "nargs": "?", "const": True} if f.type is bool else {"type": f.type}
+        p.add_argument(f"--{f.name}", **kind, default=f.default, choices=CHOICES.get(f.name),
+                       help=f"{notes.get(f.name, '')} (default: {f.default})")
     return Config(**vars(p.parse_args(argv)))
-def setup(cfg):  # check cfg, pick the device (join torchrun's group), load ckpt.pt (its ARCH wins)
+def setup(cfg):  # check cfg, pick the device (join torchrun's group), make out_dir, load ckpt.pt
     for k, v in vars(cfg).items():  # the choices, and no negative numbers (0 means off)
         if k in CHOICES and v not in CHOICES[k]:
             fail(f"unknown {k} {v!r}; expected one of {', '.join(CHOICES[k])}")
-        least = 1 if k in ("batch_size", "log_every", "eval_every") else 0
+        least = 1 if k in ("max_steps", "batch_size", "log_every", "eval_every") else 0
         if type(v) in (int, float) and v < least:
             fail(f"--{k} must be >= {least}, got {v}")
-    cfg.out_dir = cfg.out_dir or f"out/{os.path.basename(__file__)[:-3]}-{cfg.dataset}"
-    os.makedirs(cfg.out_dir, exist_ok=True)
     name = cfg.device
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
@@ -276,17 +283,25 @@ def setup(cfg):  # check cfg, pick the device (join torchrun's group), load ckpt
         torch.cuda.set_device(name)
     if WORLD > 1:
         torch.distributed.init_process_group("nccl" if name.startswith("cuda") else "gloo")
-    log(cfg, f"{cfg}\ntorch {torch.__version__} | device {name} | processes {WORLD}")
+    cfg.out_dir = cfg.out_dir.replace("{dataset}", cfg.dataset)  # the default: out/<file>-<dataset>
+    try:  # a file or a read-only folder fails now, not after the training
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        log(cfg, f"{cfg}\ntorch {torch.__version__} | device {name} | processes {WORLD}")
+    except OSError as e:
+        fail(f"cannot write to --out_dir {cfg.out_dir} ({e.strerror})")
+    path = f"{cfg.out_dir}/ckpt.pt"
     if not (cfg.resume or cfg.eval_only):
         return torch.device(name), None
-    path = f"{cfg.out_dir}/ckpt.pt"
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        arch = {k: ckpt["config"][k] for k in ARCH}  # a KeyError: not a checkpoint of this file
-    except FileNotFoundError:
+    if not os.path.exists(path):
         fail(f"no checkpoint at {path} (train first, or check --out_dir)")
+    try:  # weights_only: tensors and plain types, all that our checkpoints hold
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        script, dataset = ckpt.get("script", "older code"), ckpt["config"]["dataset"]
     except Exception as e:
-        fail(f"cannot read checkpoint {path} ({type(e).__name__}); use another --out_dir")
+        fail(f"{path} is not a checkpoint these files wrote ({type(e).__name__})")
+    if (script, dataset) != (NAME, cfg.dataset):  # never evaluate another model or dataset silently
+        fail(f"{path} is {script}'s checkpoint of {dataset}, not {NAME}'s of {cfg.dataset}")
+    arch = {k: ckpt["config"][k] for k in ARCH}
     log(cfg, f"loaded {path} at step {ckpt['step']}; its architecture: {arch}")
     vars(cfg).update(arch)  # the checkpoint's architecture replaces the command line's
     return torch.device(name), ckpt
@@ -295,6 +310,16 @@ def log(cfg, msg):  # print, and append to log.txt in out_dir: on rank 0 only
         print(msg, flush=True)
         with open(f"{cfg.out_dir}/log.txt", "a") as f:
             f.write(msg + "\n")
+def stop_if_diverged(cfg, step, value, what="training loss", worst=math.inf):  # exit status 1
+    if not value < worst:  # inf, NaN, or worse than this model can be
+        saved = os.path.exists(f"{cfg.out_dir}/ckpt.pt")
+        fail(f"the {what} diverged at step {step} ({value:.4g}); "
+             + ("the last good ckpt.pt is kept" if saved else "no checkpoint was written"))
+def save_checkpoint(cfg, step, test, worst=math.inf, **state):  # atomic, and only if test < worst
+    stop_if_diverged(cfg, step, test, "test metric", worst)
+    state |= {"script": NAME, "step": step, "config": dataclasses.asdict(cfg)}
+    torch.save(state, f"{cfg.out_dir}/ckpt.tmp")
+    os.replace(f"{cfg.out_dir}/ckpt.tmp", f"{cfg.out_dir}/ckpt.pt")  # a kill keeps the old one
 def fid_metrics(imgs, cfg, device):  # metrics.py's FID, precision, recall of uint8 images
     try:
         import metrics  # lazily: a copied model file runs alone with --fid_samples 0
@@ -314,9 +339,17 @@ def finish(cfg, res, curves, keys):  # loss.png, results.json and the FINAL line
     with open(f"{cfg.out_dir}/results.json", "w") as f:
         json.dump(res, f, indent=2)
     shown = " ".join(f"{k}={res[k]:.4g}" for k in keys if k in res)
-    log(cfg, f"FINAL {os.path.basename(__file__)[:-3]} {cfg.dataset} {shown} steps={res['steps']} "
+    log(cfg, f"FINAL {NAME[:-3]} {cfg.dataset} {shown} steps={res['steps']} "
         f"time={res['wall_s']:.0f}s device={res['device']}")
     return res
+def main():  # the command line; a batch too big for the memory is a one-line error too
+    cfg = parse_args()
+    try:
+        train(cfg)
+    except RuntimeError as e:  # torch.OutOfMemoryError (CUDA, MPS), or the CPU allocator's
+        if "out of memory" not in str(e) and "can't allocate memory" not in str(e):
+            raise
+        fail(f"out of memory at --batch_size {cfg.batch_size}: {str(e).split(' Including')[0]}")
 
 # --------------------------------------------------------------------------- training
 def train(cfg: Config) -> dict:
@@ -366,8 +399,7 @@ def train(cfg: Config) -> dict:
         t_train += time.perf_counter() - t_step
         if step % cfg.log_every == 0 or step % cfg.eval_every == 0 or step == cfg.max_steps:
             curves["train"].append((step, loss.item()))  # the device syncs at log steps only
-            if not math.isfinite(loss.item()):  # every rank stops, before a diverged model is saved
-                fail(f"non-finite loss at step {step}; the last good checkpoint is kept")
+            stop_if_diverged(cfg, step, loss.item())  # on every rank, before a diverged model is saved
             speed = (step - start) * cfg.batch_size * WORLD / t_train
             eta = (cfg.max_steps - step) * (time.perf_counter() - t0) / (step - start) / 60
             log(cfg, f"step {step}/{cfg.max_steps} | loss {loss.item():.4f} nats/code"
@@ -376,10 +408,9 @@ def train(cfg: Config) -> dict:
             save_samples(model, vq, cfg)
             curves["test"].append((step, evaluate(model, codes)["val_nats_per_code"]))
             log(cfg, f"eval step {step} | val {curves['test'][-1][1]:.4f} nats/code")
-            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                        "config": dataclasses.asdict(cfg), "curves": curves, "rng": g.get_state(),
-                        "meta": meta}, f"{cfg.out_dir}/ckpt.tmp")  # before the long final evaluation
-            os.replace(f"{cfg.out_dir}/ckpt.tmp", f"{cfg.out_dir}/ckpt.pt")  # never half-written
+            save_checkpoint(cfg, step, curves["test"][-1][1], model=model.state_dict(), meta=meta,
+                            optimizer=opt.state_dict(), curves=curves, rng=g.get_state(),
+                            train_images_per_s=speed)
     if WORLD > 1:
         torch.distributed.destroy_process_group()
     if RANK != 0:
@@ -391,8 +422,8 @@ def train(cfg: Config) -> dict:
     if cfg.sweep:
         res["sweep"] = sweep(model, vq, cfg, device)
     res |= {"steps": step, "wall_s": time.perf_counter() - t0, "device": str(device)}
-    res["train_images_per_s"] = speed if step > start else None
+    res["train_images_per_s"] = speed if step > start else ckpt["train_images_per_s"]
     return finish(cfg, res, curves, ["val_nats_per_code", "val_bits_per_code", "val_top1", "fid"])
 
 if __name__ == "__main__":
-    train(parse_args())
+    main()

@@ -218,17 +218,19 @@ def test_checkpoint_errors_and_nan_keeps_last_good(tmp_path):
     cfg = dict(dataset="checkerboard", out_dir=str(tmp_path), hidden=8, batch_size=64, eval_every=10, log_every=1)
     nice.train(nice.Config(max_steps=10, **cfg))
     good = (tmp_path / "ckpt.pt").read_bytes()
-    with pytest.raises(SystemExit, match="non-finite loss at step .*; the last good checkpoint is kept"):
+    with pytest.raises(SystemExit, match="diverged at step .*; the last good ckpt.pt is kept"):
         nice.train(nice.Config(max_steps=30, resume=True, **{**cfg, "lr": 1e30}))
     assert (tmp_path / "ckpt.pt").read_bytes() == good  # never overwritten by a bad model
-    res = nice.train(nice.Config(out_dir=str(tmp_path), eval_only=True))  # --dataset (default fashion) from the ckpt
+    with pytest.raises(SystemExit, match="checkpoint of checkerboard, not nice.py's of fashion"):
+        nice.train(nice.Config(out_dir=str(tmp_path), eval_only=True))  # --dataset: the default, fashion
+    res = nice.train(nice.Config(out_dir=str(tmp_path), dataset="checkerboard", eval_only=True))
     assert res["config"]["dataset"] == "checkerboard" and res["steps"] == 10 and math.isfinite(res["test_nll_nats"])
     # another architecture on the command line: the checkpoint's wins, and the log says so
     res = nice.train(nice.Config(max_steps=12, resume=True, **{**cfg, "hidden": 9}))
     assert res["config"]["hidden"] == 8 and res["steps"] == 12
     assert "its architecture: {" in (tmp_path / "log.txt").read_text()
     (tmp_path / "ckpt.pt").write_bytes(good[: len(good) // 2])
-    with pytest.raises(SystemExit, match="cannot read checkpoint"):
+    with pytest.raises(SystemExit, match="is not a checkpoint these files wrote"):
         nice.train(nice.Config(max_steps=20, resume=True, **cfg))
 
 

@@ -330,7 +330,7 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint(tmp_path, fake_vqvae, mo
         return (loss * float("nan") if self.training and calls[0] > 7 else loss), stats
 
     monkeypatch.setattr(pt.Prior, "forward", diverging)
-    with pytest.raises(SystemExit, match="non-finite loss at step 10; the last good checkpoint is kept"):
+    with pytest.raises(SystemExit, match="training loss diverged at step 10 \\(nan\\); the last good ckpt.pt is kept"):
         pt.train(run_cfg(tmp_path, codes, max_steps=20, eval_every=5, log_every=5))
     ck = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
     assert ck["step"] == 5 and all(torch.isfinite(v).all() for v in ck["model"].values())
@@ -341,7 +341,7 @@ def test_bad_input(tmp_path, fake_vqvae):
     for kw, match in [({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"temperature": -1.0}, "temperature"),
                       ({"top_k": -1}, "top_k"), ({"top_k": K + 1}, "top_k must be in 1..K = 1..16"),
                       ({"sweep": True, "sweep_top_k": (0, 99)}, "top_k"),
-                      ({"n_embd": 30, "n_head": 4}, "multiple"), ({"codes": str(tmp_path / "none.pt")}, "run `python vqvae.py --dataset mnist` first"),
+                      ({"n_embd": 30, "n_head": 4}, "multiple"), ({"codes": str(tmp_path / "none.pt")}, "run `python vqvae.py --dataset mnist --data_dir "),
                       ({"dataset": "fashion"}, "holds mnist codes"), ({"resume": True}, "no checkpoint"),
                       ({"eval_only": True}, "no checkpoint"), ({"dtype": "bfloat16"}, "CUDA")]:
         with pytest.raises(SystemExit, match=match):
@@ -351,7 +351,7 @@ def test_bad_input(tmp_path, fake_vqvae):
         pt.train(run_cfg(tmp_path, tmp_path / "junk.pt"))
     c = torch.load(codes, weights_only=True)
     for i, (override, match) in enumerate([({"train": c["train"] + K}, "not a codes file"),
-                                           ({"vqvae_sha256": "0" * 64}, "fingerprint"),
+                                           ({"vqvae_sha256": "0" * 64}, "changed since it wrote"),
                                            ({"vqvae_ckpt": str(tmp_path / "gone.pt")}, "missing"),
                                            ({"train_labels": None}, "not a codes file")]):
         sub = tmp_path / f"case{i}"
@@ -374,7 +374,7 @@ def test_bad_input(tmp_path, fake_vqvae):
         with pytest.raises(SystemExit, match="trained on other codes"):
             pt.train(run_cfg(tmp_path, retrained, out_dir=str(tmp_path / "k"), **kw))
     (tmp_path / "k" / "ckpt.pt").write_bytes(b"corrupt")
-    with pytest.raises(SystemExit, match="cannot read checkpoint"):
+    with pytest.raises(SystemExit, match="is not a checkpoint these files wrote"):
         pt.train(run_cfg(tmp_path, codes, eval_only=True, out_dir=str(tmp_path / "k")))
 
 
@@ -423,5 +423,5 @@ def test_end_to_end_with_vqvae_cli(cli, data_dir, tmp_path):
         f.write(b"x")
     r = cli("prior_transformer.py", *args, "--fid_samples", "0", "--out_dir", tmp_path / "p2")  # a bad input, on the CLI
     assert r.returncode == 1 and "Traceback" not in r.stderr
-    assert r.stderr.strip().startswith("prior_transformer.py: error: ") and "fingerprint mismatch" in r.stderr
+    assert r.stderr.strip().startswith("prior_transformer.py: error: ") and "is missing or changed since it wrote" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
