@@ -1,8 +1,7 @@
-"""Glow (Kingma & Dhariwal 2018): L levels of [squeeze, K steps of flow, split], a step of flow
-being ActNorm -> invertible 1x1 conv -> affine coupling (fig. 2); exact bits/dim of dequantized data.
-Deviations: the coupling scale is bounded, s = s_min + (1 - s_min) sigmoid(h + 2) with --scale_min 0.5,
-as the official sigmoid(h + 2) (--scale_min 0) lets samples overflow; zero padding, not edge-aware;
-no class conditioning, no Polyak averaging. L = 2 for 28x28 images (no padding), 3 for 32x32.
+"""Glow (Kingma & Dhariwal 2018): L levels of [squeeze, K steps of flow, split] (fig. 2), a step of
+flow being ActNorm -> invertible 1x1 conv -> affine coupling; exact bits/dim of dequantized data.
+Deviations: a bounded coupling scale s = s_min + (1 - s_min) sigmoid(h + 2), --scale_min 0.5 (the
+official 0 lets samples overflow); zero padding, not edge-aware; no class conditioning or Polyak averaging.
     python glow.py --dataset fashion
 """
 import argparse
@@ -44,10 +43,8 @@ class InvConv1x1(nn.Module):  # invertible 1x1 conv, LU-decomposed (sec. 3.2)
     def __init__(self, C, permutation="invconv"):
         super().__init__()
         W = torch.linalg.qr(torch.randn(C, C))[0]  # a random rotation
-        if permutation == "shuffle":  # a fixed permutation, log-det 0: the paper's ablation (fig. 3)
-            W = torch.eye(C)[torch.randperm(C)]
-        if permutation == "reverse":
-            W = torch.eye(C).flip(0)
+        if permutation != "invconv":  # a fixed permutation, log-det 0: the paper's ablation (fig. 3)
+            W = torch.eye(C)[torch.randperm(C) if permutation == "shuffle" else torch.arange(C).flip(0)]
         P, L, U = torch.linalg.lu(W)  # W = P L (U + diag(s)): log|det W| = sum log|s|
         self.register_buffer("P", P)
         self.register_buffer("sign_s", U.diagonal().sign())
@@ -116,7 +113,6 @@ class FlowStep(nn.Module):  # a step of flow (fig. 2a): actnorm -> invertible 1x
 class Glow(nn.Module):  # the multi-scale flow (fig. 2b): L x [squeeze, K FlowSteps, split]
     def __init__(self, cfg, shape):  # shape: (C, H, W) of the images, H = W
         super().__init__()
-        self.cfg = cfg
         C, H = shape[:2]
         self.levels = nn.ModuleList()  # K FlowSteps per level
         self.splits = nn.ModuleList()  # (mu, log sigma) of a split-off z, from the kept half
@@ -126,15 +122,13 @@ class Glow(nn.Module):  # the multi-scale flow (fig. 2b): L x [squeeze, K FlowSt
             self.levels.append(nn.ModuleList([FlowStep(C, cfg) for _ in range(cfg.K)]))
             if i < cfg.L - 1:  # the split
                 self.splits.append(ZeroConv2d(C // 2, C))
-                self.eps_shapes.append((C // 2, H, H))
                 C = C // 2
-        self.eps_shapes.append((C, H, H))
+            self.eps_shapes.append((C, H, H))  # the z that leaves this level
         self.top = nn.Parameter(torch.zeros(1, 2 * C, H, H))  # (mu, log sigma) of the top z
     def prior(self, i, x):  # (mu, log sigma) of level i's z: from the kept half x, or the top's
         return (self.splits[i](x) if i < len(self.splits) else self.top).chunk(2, 1)
     def forward_flow(self, x):  # y [B, C, H, W] -> eps (a [B, c, h, w] per level), log|det| [B]
-        eps = []
-        logdet = 0
+        eps, logdet = [], 0
         for i, steps in enumerate(self.levels):
             x = F.pixel_unshuffle(x, 2)  # the squeeze: channel 4c + 2i + j holds pixel (i, j)
             for step in steps:
@@ -194,14 +188,12 @@ def evaluate(model, x_test, cfg):  # exact test bits/dim over the whole split, a
     bits = sum(model.bpd(dequantize(xb, g)).sum().item() for xb in x_test.split(500))
     return {"test_bpd": bits / len(x_test), "test_bpd_kind": "exact (dequantized density, 1 noise draw)"}
 
-@torch.inference_mode()
-def save_pictures(model, cfg):  # samples.png at --temperature; samples_temps.png: a row per T
+def save_pictures(model, cfg):  # the same noise every time, and in every row of samples_temps.png
     g = torch.Generator(model.top.device)
-    y = model.sample(cfg.n_samples, cfg.temperature, g.manual_seed(cfg.seed))  # the same every time
-    torchvision.utils.save_image(to_uint8(y) / 255, f"{cfg.out_dir}/samples.png")
-    temps = (0.0, 0.5, 0.7, 0.8, 0.9, 1.0)
-    y = torch.cat([model.sample(8, t, g.manual_seed(cfg.seed)) for t in temps])  # the same 8 eps
-    torchvision.utils.save_image(to_uint8(y) / 255, f"{cfg.out_dir}/samples_temps.png")
+    for name, n, temps in [("samples", cfg.n_samples, [cfg.temperature]),
+                           ("samples_temps", 8, [0.0, 0.5, 0.7, 0.8, 0.9, 1.0])]:  # a row per T
+        y = torch.cat([model.sample(n, t, g.manual_seed(cfg.seed)) for t in temps])
+        torchvision.utils.save_image(to_uint8(y) / 255, f"{cfg.out_dir}/{name}.png")
 
 def sample_metrics(model, cfg, device):  # samples.npz at --fid_temperature; FID etc., inf/NaN share
     g = torch.Generator(device).manual_seed(cfg.seed + 2)
@@ -398,11 +390,12 @@ def train(cfg: Config) -> dict:
         step += 1
         t_train += time.perf_counter() - t_step
         if step % cfg.log_every == 0 or step % cfg.eval_every == 0 or step == cfg.max_steps:
-            curves["train"].append((step, loss.item()))  # the device syncs at log steps only
-            stop_if_diverged(cfg, step, loss.item())  # on every rank, before a diverged model is saved
+            bpd = stats["bpd"].item()  # the device syncs at log steps only
+            stop_if_diverged(cfg, step, bpd)  # on every rank, before a diverged model is saved
+            curves["train"].append((step, bpd))
             speed = (step - start) * cfg.batch_size * WORLD / t_train
             eta = (cfg.max_steps - step) * (time.perf_counter() - t0) / (step - start) / 60
-            log(cfg, f"step {step}/{cfg.max_steps} | loss {stats['bpd'].item():.3f} bits/dim"
+            log(cfg, f"step {step}/{cfg.max_steps} | loss {bpd:.3f} bits/dim"
                 f" | {speed:.0f} img/s | eta {eta:.1f}m")
         if RANK == 0 and (step % cfg.eval_every == 0 or step == cfg.max_steps):
             save_pictures(model, cfg)

@@ -9,9 +9,11 @@ numbers compare within this repository only. Library: metrics.evaluate(images, d
 import argparse
 import dataclasses
 import hashlib
+import inspect
 import json
 import math
 import os
+import re
 import time
 from pathlib import Path
 
@@ -109,7 +111,6 @@ class Classifier(nn.Module):  # the `classifier` features: a small CNN's 128-d p
             nn.Flatten())
         self.fc = nn.Sequential(nn.Linear(64 * (size // 4) ** 2, 128), nn.ReLU())
         self.head = nn.Linear(128, 10)
-
     def forward(self, x):  # x in [0, 1]: features [B, 128], logits [B, 10]
         h = self.fc(self.conv(2 * x - 1))
         return h, self.head(h)
@@ -142,7 +143,6 @@ class InceptionFeatures(inception.Inception3):  # TF's FID Inception-v3 (2015-12
         self.Mixed_6e = fid_block(inception.InceptionC)(768, 192)
         self.Mixed_7b = fid_block(inception.InceptionE)(1280)
         self.Mixed_7c = fid_block(inception.InceptionE, max_pool=True)(2048)
-
     def forward(self, x):  # x in [0, 1]: pool3 features [B, 2048], logits [B, 1008]
         x = inception_input(x)
         for layer in list(self.children())[:-3]:  # all but avgpool, dropout and fc
@@ -321,12 +321,13 @@ def boolean(s):  # argparse turns the ValueError into a one-line "invalid boolea
         raise ValueError(s)
     return s.lower() in ("true", "1", "yes")
 
-def parse_args(argv=None) -> Config:
+def parse_args(argv=None) -> Config:  # a flag per field; -h shows its comment and default
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(Config):
-        kind = boolean if f.type is bool else f.type  # a bare --real_vs_real means true
-        more = {"nargs": "?", "const": True} if f.type is bool else {"choices": CHOICES.get(f.name)}
-        p.add_argument(f"--{f.name}", type=kind, default=f.default, **more)
+    notes = dict(re.findall(r"\n +(\w+): .+?  # (.+)", inspect.getsource(Config)))
+    for f in dataclasses.fields(Config):  # bools: --real_vs_real, --real_vs_real true
+        kind = {"type": boolean, "nargs": "?", "const": True} if f.type is bool else {"type": f.type}
+        p.add_argument(f"--{f.name}", **kind, default=f.default, choices=CHOICES.get(f.name),
+                       help=f"{notes.get(f.name, '')} (default: {f.default!r})")
     return Config(**vars(p.parse_args(argv)))
 
 def main(cfg: Config) -> dict:  # prints the results and the FINAL line, writes the JSON
@@ -334,6 +335,12 @@ def main(cfg: Config) -> dict:  # prints the results and the FINAL line, writes 
         fail(f"--n_real must be >= 0 (0: the whole training split), got {cfg.n_real}")
     if bool(cfg.samples) + cfg.real_vs_real + cfg.train_classifier != 1:
         fail("give exactly one of --samples PATH.npz, --real_vs_real, --train_classifier")
+    out = cfg.out
+    if cfg.samples and not out:
+        out = f"{Path(cfg.samples).with_suffix('')}.metrics-{cfg.features}.json"
+    folder = os.path.dirname(os.path.abspath(out))
+    if out and (os.path.isdir(out) or not os.path.isdir(folder) or not os.access(folder, os.W_OK)):
+        fail(f"cannot write --out {out}: it is a folder, or its folder is missing or read-only")
     t0 = time.perf_counter()
     device = pick_device(cfg.device)
     if cfg.train_classifier:
@@ -361,9 +368,6 @@ def main(cfg: Config) -> dict:  # prints the results and the FINAL line, writes 
             "classifier_test_acc": ref["classifier_test_acc"], "device": str(device),
             "wall_s": round(time.perf_counter() - t0, 1)}
     print(json.dumps(res, indent=1))
-    out = cfg.out
-    if cfg.samples and not out:
-        out = f"{Path(cfg.samples).with_suffix('')}.metrics-{cfg.features}.json"
     if out:
         Path(out).write_text(json.dumps(res, indent=1) + "\n")
         print(f"wrote {out}")

@@ -28,7 +28,6 @@ class Coupling(nn.Module):  # eq. (6)-(8): y1 = x1, y2 = x2 + m(x1), so x2 = y2 
         for _ in range(4):  # m: 5 hidden ReLU layers (the paper's, for MNIST), then a linear one
             layers += [nn.Linear(h, h), nn.ReLU()]
         self.m = nn.Sequential(*layers, nn.Linear(h, D // 2))
-
     def forward(self, x, reverse=False):  # x [B, D]
         pairs = x.unflatten(1, (-1, 2))  # [B, D/2, 2]: (even, odd) entries
         x1 = pairs[..., self.parity]
@@ -44,29 +43,24 @@ class NICE(nn.Module):
         self.D = D
         self.couplings = nn.ModuleList(Coupling(cfg, D, i % 2) for i in range(cfg.n_couplings))
         self.s = nn.Parameter(torch.zeros(D))  # the diagonal scaling z = exp(s) * h (sec. 3.3)
-
     def forward_flow(self, x):  # x [B, ...] -> z [B, D], logdet [B] = sum(s): the couplings add 0
         h = x.flatten(1)
         for coupling in self.couplings:
             h = coupling(h)
         return h * self.s.exp(), self.s.sum().expand(len(x))
-
     def inverse(self, z):  # z [B, D] -> x [B, D]
         h = z / self.s.exp()
         for coupling in reversed(self.couplings):
             h = coupling(h, reverse=True)
         return h
-
     def log_prob(self, x):  # change of variables: log p_H(f(x)) + log|det df/dx|, in nats [B]
         z, logdet = self.forward_flow(x)  # float32 under autocast too: the couplings add to x
         if self.prior == "logistic":  # log p_H(z) = -log(1 + e^z) - log(1 + e^-z) (sec. 3.4)
             return logdet - (nn.functional.softplus(z) + nn.functional.softplus(-z)).sum(1)
         return logdet + torch.distributions.Normal(0, 1).log_prob(z).sum(1)
-
     def forward(self, x):  # the loss -log p(x) in nats per dimension; stats in nats per example
         nll = -self.log_prob(x).mean()
         return nll / self.D, {"nll_nats": nll.detach()}
-
     def sample(self, n, generator=None):  # x = f^-1(z), z = F^-1(u) by the prior's inverse CDF
         u = torch.rand(n, self.D, generator=generator, device=self.s.device).clamp(1e-6, 0.999999)
         z = torch.logit(u) if self.prior == "logistic" else torch.special.ndtri(u)

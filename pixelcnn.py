@@ -1,10 +1,9 @@
 """PixelCNN (van den Oord et al. 2016a) and Gated PixelCNN (2016b): p(x) = prod_i p(x_i | x_<i) in
-raster order, R -> G -> B inside a pixel, by masked convolutions (type A hides the value itself, B
-later layers), so test_bpd = -log2 p(x) / D is exact. --arch gated: vertical and horizontal stacks,
-tanh * sigmoid gates, no blind spot; --arch pixelcnn: the original, blind spot included. Per channel
-a softmax over --levels values or --output logistic_mix (PixelCNN++, Salimans et al. 2017).
---conditional: a learned class bias in every layer. Deviations: the mixture is per channel, ordered
-by the masks (no PixelCNN++ channel coupling); small networks; no data augmentation.
+raster order, R -> G -> B in a pixel, by masked convolutions (type A hides the value itself), so
+test_bpd is exact. --arch gated: vertical and horizontal stacks, tanh * sigmoid gates, no blind
+spot; --arch pixelcnn: the original, blind spot included. Per channel a softmax over --levels values
+or --output logistic_mix (PixelCNN++, Salimans et al. 2017); --conditional: a class bias per layer.
+Deviations: a mixture per channel, no PixelCNN++ channel coupling; small nets; no data augmentation.
     python pixelcnn.py --dataset mnist [--levels 4]
 """
 import argparse
@@ -37,7 +36,6 @@ class MaskedConv2d(nn.Conv2d):  # a conv whose output pixel sees the input pixel
             m[:, :, r, c] = torch.arange(co)[:, None] % C >= group_in + (mask == "A")  # A: only <
         self.register_buffer("mask", m)
         self.class_bias = nn.Embedding(10, co) if conditional else None  # V^T y, eq. (4), 2016b
-
     def forward(self, x, y=None):  # y: the labels [B] of the 10 classes, if conditional
         out = F.conv2d(F.pad(x, self.pad), self.weight * self.mask, self.bias)
         return out if self.class_bias is None else out + self.class_bias(y)[..., None, None]
@@ -60,7 +58,6 @@ class GatedLayer(nn.Module):  # a layer of both stacks, fig. 2 of 2016b
                               conditional)
         self.v2h = nn.Conv2d(2 * p, 2 * p, 1)  # what the vertical stack saw, into every channel
         self.h2h = pointwise(p, p, C)
-
     def forward(self, h, v_pre, y):  # the horizontal stack's next features [B, p, H, W]
         out = self.h2h(gate(self.h(h, y) + self.v2h(v_pre)))
         return out if self.first else h + out  # residual, but not from the C input channels
@@ -71,7 +68,6 @@ class GatedPixelCNN(nn.Module):
         self.layers = nn.ModuleList(GatedLayer(p, k, C, conditional, first=i == 0)
                                     for i in range(n_layers))
         self.reach = (k // 2) * n_layers + 1  # the rows above a pixel that can reach it
-
     def vertical(self, x, y):  # [B, C, H, W] -> the layers' vertical pre-activations [B, 2p, H, W]
         pres = []
         v = F.pad(x, (0, 0, 1, -1))  # shifted down a row: the vertical stack sees only rows above
@@ -79,12 +75,10 @@ class GatedPixelCNN(nn.Module):
             pres.append(layer.v(v, y))
             v = gate(pres[-1])
         return pres
-
     def horizontal(self, h, pres, y):  # x and pres on the same rows -> features [B, p, rows, W]
         for layer, v_pre in zip(self.layers, pres):
             h = layer(h, v_pre, y)
         return h
-
     def forward(self, x, y):  # [B, C, H, W] in [-1, 1] -> features [B, p, H, W]
         return self.horizontal(x, self.vertical(x, y), y)
 
@@ -96,7 +90,6 @@ class PixelCNN(nn.Module):  # the original of 2016a; its masks leave a blind spo
                                    for _ in range(n_layers))
         self.outs = nn.ModuleList(pointwise(p, p, C) for _ in range(n_layers))
         self.reach = 3 + (k // 2) * n_layers
-
     def forward(self, x, y):  # [B, C, H, W] in [-1, 1] -> features [B, p, H, W]
         h = self.inp(x)
         for conv, out in zip(self.convs, self.outs):  # residual blocks, after fig. 5 of 2016a
@@ -108,12 +101,11 @@ def logistic_mix_logp(params, v):  # log P(v) of v in 0..255 [B, *S]; params [B,
     mu = params[:, 1]  # K logistics, discretized into 256 bins on [-1, 1] (Salimans et al., eq. 2)
     log_s = params[:, 2].clamp(min=-7.0)
     x = v.unsqueeze(1) / 127.5 - 1  # the bin centres -1, -1 + 2/255, ..., 1
-    centred = x - mu
     inv_s = (-log_s).exp()
-    plus = inv_s * (centred + 1 / 255)  # the bin's upper edge
-    minus = inv_s * (centred - 1 / 255)  # and its lower edge
+    mid = inv_s * (x - mu)  # where the bin mass underflows: the density at the centre times 2/255
+    plus = mid + inv_s / 255  # the bin's upper edge
+    minus = mid - inv_s / 255  # and its lower edge
     cdf_delta = plus.sigmoid() - minus.sigmoid()
-    mid = inv_s * centred  # where the bin mass underflows: the density at the centre times 2/255
     log_pdf_mid = mid - log_s - 2 * F.softplus(mid) - math.log(127.5)
     log_mid = torch.where(cdf_delta > 1e-5, cdf_delta.clamp(min=1e-12).log(), log_pdf_mid)
     log_inner = torch.where(x > 0.999, F.logsigmoid(-minus), log_mid)  # bin 255: [edge, inf)
@@ -131,19 +123,15 @@ class Model(nn.Module):  # the network, its head and the distribution of L = --l
         self.shape = shape
         self.L = cfg.levels
         n_out = 3 * cfg.n_mix if cfg.output == "logistic_mix" else cfg.levels  # per channel
-        C = shape[0]
-        p = cfg.hidden
+        C, p = shape[0], cfg.hidden
         net = GatedPixelCNN if cfg.arch == "gated" else PixelCNN
         self.net = net(C, p, cfg.n_layers, cfg.kernel, cfg.conditional)
         head = [nn.ReLU(), pointwise(p, p, C), nn.ReLU(), pointwise(p, n_out * C, C)]
         self.head = nn.Sequential(*head)  # parameter t of channel c at index t * C + c
-
     def quantize(self, x):  # uint8 0..255 -> 0..L-1
         return x.long() * self.L // 256
-
     def net_input(self, q):  # 0..L-1 -> [-1, 1]
         return q * (2 / (self.L - 1)) - 1
-
     def logp(self, out, q=None):  # out [B, n_out * C, H, W] -> log p of q [B, C, H, W], or of all
         out = out.to(torch.get_default_dtype())  # float32 (float64 in tests), also under autocast
         out = out.unflatten(1, (-1, self.shape[0]))  # [B, n_out, C, H, W]
@@ -154,14 +142,11 @@ class Model(nn.Module):  # the network, its head and the distribution of L = --l
             q = torch.arange(self.L, device=out.device).view(1, -1, 1, 1, 1)
             out = out.unsqueeze(2)
         return logistic_mix_logp(out, q)
-
     def forward(self, x, y):  # uint8 x [B, C, H, W], labels y [B] -> exact -log2 p(x) / D
         q = self.quantize(x)
         out = self.head(self.net(self.net_input(q), y))  # [B, n_out * C, H, W]
-        logp = self.logp(out, q)  # nats, [B, C, H, W]
-        bpd = -logp.mean() / math.log(2)
+        bpd = -self.logp(out, q).mean() / math.log(2)  # log p: nats [B, C, H, W]
         return bpd, {"bpd": bpd.detach()}
-
     @torch.inference_mode()
     def sample(self, n, generator):  # n uint8 images [n, C, H, W], of the classes 0..9 in turn
         u = torch.rand(n, *self.shape, device=generator.device, generator=generator)
@@ -172,13 +157,11 @@ class Model(nn.Module):  # the network, its head and the distribution of L = --l
             rows = x[:, :, max(0, i - self.net.reach):i + 1]  # a view: the rows that reach row i
             if gated:  # its vertical stack sees only rows above: once per row
                 pres = [v_pre[:, :, -1:] for v_pre in self.net.vertical(rows, y)]
+                rows = rows[:, :, -1:]  # and its horizontal stack only row i
             for j in range(self.shape[2]):
                 for c in range(self.shape[0]):  # value by value, by inverse-CDF draws from u
-                    if gated:
-                        h = self.net.horizontal(x[:, :, i:i + 1], pres, y)
-                    else:
-                        h = self.net(rows, y)[:, :, -1:]
-                    out = self.head(h[..., j:j + 1])  # the parameters at pixel (i, j)
+                    h = self.net.horizontal(rows, pres, y) if gated else self.net(rows, y)
+                    out = self.head(h[:, :, -1:, j:j + 1])  # the parameters at pixel (i, j)
                     logp = self.logp(out)[:, :, c, 0, 0]  # [n, L]
                     x[:, c, i, j] = self.net_input(pick(logp, u[:, c, i, j]))
         return ((x + 1) * 127.5).round().to(torch.uint8)  # level q at 255 q / (L - 1)
@@ -195,9 +178,8 @@ def load_split(dataset, data_dir, train):  # the split as one uint8 tensor [N, C
 
 @torch.inference_mode()
 def evaluate(model, x_test, y_test, cfg):  # the exact test bits/dim, and samples.png
-    bits = 0.0
-    for x, y in zip(x_test.split(128), y_test.split(128)):  # small: the logits stay in the cache
-        bits += model(x, y)[0].item() * len(x)
+    batches = zip(x_test.split(128), y_test.split(128))  # small: the logits stay in the cache
+    bits = sum(model(x, y)[0].item() * len(x) for x, y in batches)
     imgs, rate = draw(model, cfg.n_samples, cfg, cfg.seed)
     nrow = 10 if cfg.conditional else 8  # conditional: a column per class
     torchvision.utils.save_image(imgs / 255, f"{cfg.out_dir}/samples.png", nrow=nrow)
@@ -400,7 +382,7 @@ def train(cfg: Config) -> dict:
         t_train += time.perf_counter() - t_step
         if step % cfg.log_every == 0 or step % cfg.eval_every == 0 or step == cfg.max_steps:
             curves["train"].append((step, loss.item()))  # the device syncs at log steps only
-            stop_if_diverged(cfg, step, loss.item(), worst=worst)  # every rank, before a diverged model is saved
+            stop_if_diverged(cfg, step, loss.item(), worst=worst)  # every rank, before it is saved
             speed = (step - start) * cfg.batch_size * WORLD / t_train
             eta = (cfg.max_steps - step) * (time.perf_counter() - t0) / (step - start) / 60
             log(cfg, f"step {step}/{cfg.max_steps} | loss {loss.item():.4f} bits/dim"

@@ -1,9 +1,8 @@
 """Autoregressive prior over VQ-VAE codes (van den Oord et al. 2017): a GPT (Radford et al. 2019) or,
 with --arch lstm, an LSTM models p(c) = prod_t p(c_t | c_<t) over the H x W code grid of vqvae.py in
 raster order, in nats (and bits) per code; its VQ-VAE decodes the samples (the one cross-import).
-Deviations from the paper: a Transformer, not a PixelCNN prior (as VQGAN, Esser et al. 2021);
-attention dropout of random past entries; codes of mirrored images (--flip); --conditional: a class
-token for the start token.
+Deviations: a Transformer, not the paper's PixelCNN prior (as VQGAN, Esser et al. 2021); attention
+dropout of random past entries; mirrored images' codes (--flip); --conditional: a class start token.
     python vqvae.py --dataset mnist --data_dir ../shared/data    # writes out/vqvae-mnist/codes.pt
     python prior_transformer.py --dataset mnist --data_dir ../shared/data
 """
@@ -34,7 +33,6 @@ class Block(nn.Module):  # pre-LayerNorm (GPT-2): x + attention(ln1(x)), then x 
         self.ln2 = nn.LayerNorm(C)
         self.mlp = nn.Sequential(nn.Linear(C, 4 * C), nn.GELU(), nn.Linear(4 * C, C))
         self.drop = nn.Dropout(cfg.dropout)
-
     def forward(self, x, cache):  # x [B, T, C]; cache: {} or {"kv": the past's keys and values}
         B, T, C = x.shape
         nh = self.cfg.n_head
@@ -70,12 +68,10 @@ class Prior(nn.Module):  # p(c_t | c_<t) over K codes: embeddings, a GPT or LSTM
         for name, p in self.named_parameters():  # GPT-2: N(0, 0.02) weights, zero biases
             if "lstm" not in name and "ln" not in name:  # the LSTM and the LayerNorms keep theirs
                 p.data = torch.randn_like(p) * 0.02 if p.dim() >= 2 else torch.zeros_like(p)
-
     def start(self, n, y=None):  # the first input token: start (K), or the class token K + y
         if y is None or not self.n_classes:
             return torch.full((n,), self.K, device=self.wte.weight.device)
         return self.K + y
-
     def logits(self, idx, cache=None, t0=0):  # tokens [B, T'] at positions t0.. -> [B, T', K]
         cache = {} if cache is None else cache  # GPT: {layer: {"kv"}}; LSTM: {"hc": its state}
         h = self.drop(self.wte(idx) + self.wpe.weight[t0 : t0 + idx.shape[1]])  # + positions t0..
@@ -84,7 +80,6 @@ class Prior(nn.Module):  # p(c_t | c_<t) over K codes: embeddings, a GPT or LSTM
         for i, block in enumerate(self.blocks):
             h = block(h, cache.setdefault(i, {}))
         return F.linear(self.ln_f(h), self.wte.weight[: self.K])  # tied; start tokens not predicted
-
     def forward(self, x, y=None):  # codes [B, H, W], labels [B] -> mean nats per code, stats
         x = x.flatten(1)  # [B, T] in raster order
         inp = torch.cat([self.start(len(x), y)[:, None], x[:, :-1]], 1)  # shifted right by one
@@ -95,7 +90,6 @@ class Prior(nn.Module):  # p(c_t | c_<t) over K codes: embeddings, a GPT or LSTM
             rank = (logits > logits.gather(-1, x[..., None])).sum(-1)  # [B, T]: codes above truth
             stats |= {f"top{k}": (rank < k).float().mean() for k in (1, 5, 10)}
         return loss, stats
-
     @torch.inference_mode()
     def sample(self, n, generator=None, y=None, temperature=1.0, top_k=0, top_p=1.0):
         seq = self.start(n, y)[:, None]  # [n, 1 + t]
@@ -159,8 +153,7 @@ def evaluate(model, codes):  # over the whole test split: nats (bits) per code, 
         for k, v in model(x, y)[1].items():  # batch means, weighted by the batch's size
             res[f"val_{k}"] = res.get(f"val_{k}", 0.0) + v.item() * len(x) / len(codes["test"])
     model.train()
-    res["val_bits_per_code"] = res["val_nats_per_code"] / math.log(2)
-    return res
+    return res | {"val_bits_per_code": res["val_nats_per_code"] / math.log(2)}
 
 @torch.inference_mode()
 def generate(model, vq, n, cfg, seed):  # n decoded samples (uint8, on the CPU), samples per second

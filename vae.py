@@ -37,11 +37,8 @@ class VAE(nn.Module):
             nn.ConvTranspose2d(h, channels * n_out, 4, 2, 1))
         log_sigma = torch.full((channels, 1, 1), math.log(cfg.sigma))  # the Gaussians' std per channel
         self.log_sigma = nn.Parameter(log_sigma, requires_grad=cfg.likelihood == "gaussian_learned_sigma")
-
     def encode(self, x):  # x: float [B, C, H, W] in [0, 1]
-        mu, logvar = self.encoder(2 * x - 1).chunk(2, dim=1)  # [B, latent] each
-        return mu, logvar
-
+        return self.encoder(2 * x - 1).chunk(2, dim=1)  # mu, logvar: [B, latent] each
     def log_px_given_z(self, x, out):  # log p(x|z) in nats per image; out = decoder(z)
         if self.cfg.likelihood == "bernoulli":  # a proper likelihood when x is binary
             logp = -F.binary_cross_entropy_with_logits(out, x, reduction="none")
@@ -51,13 +48,11 @@ class VAE(nn.Module):
             u = (x - torch.sigmoid(out)) / self.log_sigma.exp()
             logp = -0.5 * u ** 2 - self.log_sigma - 0.5 * math.log(2 * math.pi)
         return logp.flatten(1).sum(1)
-
     def decode(self, z):  # the decoder's mean image in [0, 1]: what the pictures show
         out = self.decoder(z)
         if self.cfg.likelihood == "logistic":  # its mean is on [-1, 1]
             return (out.chunk(2, dim=1)[0].clamp(-1, 1) + 1) / 2
         return torch.sigmoid(out)
-
     def forward(self, x, generator=None):  # -beta-ELBO, and its terms at beta = 1, nats per image
         mu, logvar = self.encode(x)
         eps = torch.randn(mu.shape, device=mu.device, generator=generator)
@@ -66,14 +61,12 @@ class VAE(nn.Module):
         kl = gaussian_kl(mu.float(), logvar.float())
         loss = (self.cfg.beta * kl - rec).mean()
         return loss, {"rec": -rec.mean().detach(), "kl": kl.mean().detach()}
-
     def log_weights(self, x, eps):  # IWAE's log w_k = log p(x|z_k) p(z_k) / q(z_k|x): [K, B]
         mu, logvar = self.encode(x)
         z = mu + torch.exp(0.5 * logvar) * eps  # eps [K, B, latent]
         rec = self.log_px_given_z(x.repeat(len(eps), 1, 1, 1), self.decoder(z.flatten(0, 1)))
         log_pz_over_qz = 0.5 * (eps ** 2 + logvar - z ** 2).sum(-1)  # the log(2 pi) terms cancel
         return rec.view(eps.shape[:2]) + log_pz_over_qz
-
     @torch.inference_mode()
     def sample(self, n, generator=None):  # n decoder means in [0, 1] from z ~ N(0, I)
         z = torch.randn(n, self.cfg.latent_dim, device=self.log_sigma.device, generator=generator)
@@ -88,14 +81,12 @@ def discretized_logistic_logp(x, mean, log_scale):  # of 8-bit x in [0, 1] (Sali
     inv_s = torch.exp(-log_scale)
     plus = inv_s * (x - mean + 1 / 255)  # the bin's upper edge
     minus = inv_s * (x - mean - 1 / 255)  # and its lower edge
-    log_cdf_plus = F.logsigmoid(plus)  # bin 0 takes (-inf, edge]
-    log_one_minus_cdf_minus = F.logsigmoid(-minus)  # log(1 - sigmoid(minus)): bin 255 [edge, inf)
     cdf_delta = torch.sigmoid(plus) - torch.sigmoid(minus)
     mid = inv_s * (x - mean)  # where the bin mass underflows: density at the centre times 2/255
     log_pdf_mid = mid - log_scale - 2 * F.softplus(mid) - math.log(127.5)
     log_mid = torch.where(cdf_delta > 1e-5, torch.log(cdf_delta.clamp(min=1e-12)), log_pdf_mid)
-    log_inner = torch.where(x > 0.999, log_one_minus_cdf_minus, log_mid)
-    return torch.where(x < -0.999, log_cdf_plus, log_inner)
+    log_inner = torch.where(x > 0.999, F.logsigmoid(-minus), log_mid)  # bin 255 takes [edge, inf)
+    return torch.where(x < -0.999, F.logsigmoid(plus), log_inner)  # bin 0 takes (-inf, edge]
 
 # --------------------------------------------------------------------------- data, evaluation, samples
 def load_split(dataset, data_dir, train):  # the split as one uint8 tensor [N, C, H, W], labels [N]
@@ -133,8 +124,7 @@ def evaluate(model, x_test, cfg, iwae_k=0):  # test -ELBO terms (beta = 1), acti
             eps = torch.randn(iwae_k, len(x), cfg.latent_dim, device=x.device, generator=g)
             log_px = torch.logsumexp(model.log_weights(x, eps), 0) - math.log(iwae_k)
             nll -= log_px.sum().item() / len(xs)
-        res[f"test_iwae{iwae_k}_nats"] = nll
-        res["iwae_test_images"] = len(xs)
+        res |= {f"test_iwae{iwae_k}_nats": nll, "iwae_test_images": len(xs)}
     if cfg.likelihood == "logistic":  # a discrete likelihood of the 8-bit data
         res["test_bpd"] = nll / (x_test[0].numel() * math.log(2))
         res["test_bpd_kind"] = f"iwae-{iwae_k}" if iwae_k else "elbo"

@@ -1,9 +1,8 @@
-"""VQ-VAE (van den Oord et al. 2017). A residual conv encoder maps an image (28x28 padded to 32x32,
-cropped after decoding) to an 8x8 grid of vectors z; each is replaced by the nearest of K codebook
-vectors e (straight-through gradient) and the decoder maps the grid back. Loss (eq. 3): MSE +
-||sg(z) - e||^2 + beta ||z - sg(e)||^2; --ema (default) learns the codebook by moving averages
-instead (app. A.1). Deviations: MSE on [-1, 1] pixels, warmup and cosine lr, codes unused for 20
-steps re-seeded. prior_transformer.py learns a prior over its codes.pt (and imports load_vqvae).
+"""VQ-VAE (van den Oord et al. 2017): a residual conv encoder maps an image (28x28 padded to 32x32)
+to an 8x8 grid of vectors z, each replaced by the nearest of K codebook vectors e (straight-through)
+and a decoder maps the grid back. Loss (eq. 3): MSE + ||sg(z) - e||^2 + beta ||z - sg(e)||^2; --ema
+(default) learns e by moving averages instead (app. A.1). Deviations: MSE on [-1, 1] pixels, warmup
+and cosine lr, codes unused for 20 steps re-seeded. prior_transformer.py models its codes.pt.
     python vqvae.py --dataset mnist --data_dir ../shared/data
 """
 import argparse
@@ -33,13 +32,9 @@ class VectorQuantizer(nn.Module):  # nearest of K codes, straight-through, EMA c
         self.register_buffer("ema_count", torch.ones(K))  # N_i: moving average of the code's counts
         self.register_buffer("ema_sum", codebook.clone())  # m_i: of the sums of the z given to it
         self.register_buffer("unused_steps", torch.full((K,), 20))  # from 20: first batch seeds
-
     def nearest(self, z):  # z [..., d] -> index [...] of the nearest code
-        e = self.codebook
-        with torch.autocast(z.device.type, enabled=False):  # distances in float32, also under bf16
-            d2 = z.pow(2).sum(-1, keepdim=True) - 2 * z @ e.T + e.pow(2).sum(1)  # [..., K] at once
-        return d2.argmin(-1)
-
+        dist = torch.cdist(z.flatten(0, -2), self.codebook)  # [M, K]; autocast keeps cdist float32
+        return dist.argmin(-1).view(z.shape[:-1])
     def forward(self, z):  # z [B, H, W, d] -> z_q [B, H, W, d], the VQ loss
         codes = self.nearest(z)
         e = self.codebook[codes]  # [B, H, W, d]
@@ -48,15 +43,16 @@ class VectorQuantizer(nn.Module):  # nearest of K codes, straight-through, EMA c
         if self.training:
             self.update(z.flatten(0, 2), codes.flatten())
         return z + (e - z).detach(), loss  # straight-through: forward e, backward the identity to z
-
     @torch.no_grad()
     def update(self, z, codes):  # the EMA codebook step (app. A.1), then dead-code restarts
         onehot = F.one_hot(codes, len(self.codebook)).float()  # [M, K]: which code each z took
         counts = onehot.sum(0)  # n_i
         sums = onehot.t() @ z  # [K, d]: the sum of the z assigned to each code
+        new = z[torch.randint(len(z), counts.shape, device=z.device)]  # [K, d]: restart candidates
         if WORLD > 1:  # under torchrun: the same statistics, so the same codebook, on every rank
             torch.distributed.all_reduce(counts)
             torch.distributed.all_reduce(sums)
+            torch.distributed.broadcast(new, 0)
         if self.cfg.ema:
             self.ema_count.lerp_(counts, 0.01)  # N_i <- gamma N_i + (1 - gamma) n_i, gamma = 0.99
             self.ema_sum.lerp_(sums, 0.01)  # m_i, the same way
@@ -65,9 +61,6 @@ class VectorQuantizer(nn.Module):  # nearest of K codes, straight-through, EMA c
             self.codebook.copy_(self.ema_sum / N[:, None])  # e_i = m_i / N_i
         self.unused_steps.add_(1).masked_fill_(counts > 0, 0)
         dead = self.unused_steps >= 20  # re-seeded from random encoder outputs (where: no sync)
-        new = z[torch.randint(len(z), dead.shape, device=z.device)]  # [K, d]
-        if WORLD > 1:
-            torch.distributed.broadcast(new, 0)
         self.codebook.copy_(torch.where(dead[:, None], new, self.codebook))
         self.ema_sum.copy_(torch.where(dead[:, None], new, self.ema_sum))
         self.ema_count.masked_fill_(dead, 1.0)
@@ -76,7 +69,6 @@ class VectorQuantizer(nn.Module):  # nearest of K codes, straight-through, EMA c
 class ResBlock(nn.Sequential):  # x + conv1x1(relu(conv3x3(relu(x)))), the paper's residual block
     def __init__(self, c, h):  # c channels, h inside
         super().__init__(nn.ReLU(), nn.Conv2d(c, h, 3, 1, 1), nn.ReLU(), nn.Conv2d(h, c, 1))
-
     def forward(self, x):
         return x + super().forward(x)
 
@@ -85,8 +77,7 @@ class VQVAE(nn.Module):  # encoder -> VectorQuantizer -> decoder, on uint8 image
         super().__init__()
         channels = 3 if cfg.dataset == "cifar10" else 1
         self.pad = 2 if channels == 1 else 0  # 28x28 is padded to 32x32, then halved twice to 8x8
-        h = cfg.hidden
-        r = cfg.res_hidden
+        h, r = cfg.hidden, cfg.res_hidden
         down = [nn.Conv2d(channels, h, 4, 2, 1), nn.ReLU(), nn.Conv2d(h, h, 4, 2, 1), nn.ReLU()]
         up = [nn.ReLU(), nn.ConvTranspose2d(h, h, 4, 2, 1),
               nn.ReLU(), nn.ConvTranspose2d(h, channels, 4, 2, 1)]  # 8x8 -> 16x16 -> 32x32
@@ -95,27 +86,21 @@ class VQVAE(nn.Module):  # encoder -> VectorQuantizer -> decoder, on uint8 image
         self.decoder = nn.Sequential(nn.Conv2d(cfg.code_dim, h, 3, 1, 1), ResBlock(h, r),
                                      ResBlock(h, r), *up)
         self.vq = VectorQuantizer(cfg)
-
     def encode(self, x):  # uint8 [B, C, h, w] -> z [B, 8, 8, d]; padded black, pixels on [-1, 1]
         z = self.encoder(F.pad(x, [self.pad] * 4).float() / 127.5 - 1)
         return z.permute(0, 2, 3, 1).float()  # a vector per grid position, float32 under bf16
-
     def decode(self, z_q):  # [B, 8, 8, d] -> [B, C, h, w] on [-1, 1] (unclamped), padding cropped
         return F.pad(self.decoder(z_q.permute(0, 3, 1, 2)), [-self.pad] * 4)  # a negative pad crops
-
     def forward(self, x):  # eq. (3) for uint8 x [B, C, h, w]; stats: mse on [0, 1] pixels
         z_q, vq_loss = self.vq(self.encode(x))
         mse = F.mse_loss(self.decode(z_q).float(), x / 127.5 - 1)  # on [-1, 1]: 4x larger
         return mse + vq_loss, {"mse": mse.detach() / 4}
-
     def encode_codes(self, x):  # uint8 [N, C, h, w] -> the nearest codes [N, 8, 8]
         return torch.cat([self.vq.nearest(self.encode(xb)) for xb in x.split(500)])
-
     @torch.no_grad()
     def decode_codes(self, codes):  # int [N, 8, 8] -> images [N, C, h, w] in [0, 1]
         x = torch.cat([self.decode(self.vq.codebook[c.long()]) for c in codes.split(500)])
         return (x / 2 + 0.5).clamp(0, 1)
-
     def sample(self, n, codes, generator=None):  # no prior: each position's code drawn on its own,
         i = torch.randint(len(codes), (n, 8, 8), device=codes.device, generator=generator)
         return self.decode_codes(codes.gather(0, i))  # from that position of a random grid in codes
@@ -132,6 +117,7 @@ def load_split(dataset, data_dir, train):  # the split as one uint8 tensor [N, C
 
 @torch.inference_mode()
 def evaluate(model, x_test, cfg, n=0):  # the whole split; recon.png, samples_independent.png, npz
+    n = min(n, len(x_test))  # FID images: as many reconstructions as there are test images
     codes = model.encode_codes(x_test)  # [N, 8, 8]
     recon = model.decode_codes(codes)  # [N, C, h, w] in [0, 1]
     mse = F.mse_loss(recon, x_test / 255).item()
@@ -142,8 +128,7 @@ def evaluate(model, x_test, cfg, n=0):  # the whole split; recon.png, samples_in
     g = torch.Generator(x_test.device).manual_seed(cfg.seed)  # the same draws at every eval
     independent = model.sample(max(n, cfg.n_samples), codes, g)  # they show why a prior is needed
     torchvision.utils.save_image(independent[:cfg.n_samples], f"{cfg.out_dir}/samples_independent.png")
-    imgs = torch.stack([recon[:n], independent[:n]])  # n reconstructions and n samples, for FID
-    imgs = (imgs * 255).round().byte().cpu()
+    imgs = (torch.stack([recon[:n], independent[:n]]) * 255).round().byte().cpu()  # n each, for FID
     np.savez_compressed(f"{cfg.out_dir}/samples.npz", images=imgs[0], independent=imgs[1])
     return res, imgs
 
@@ -162,11 +147,8 @@ def write_codes(model, cfg, x_train, x_test):  # codes.pt, what prior_transforme
     os.replace(f"{cfg.out_dir}/codes.tmp", f"{cfg.out_dir}/codes.pt")  # never half-written
 
 def file_fingerprint(path):  # sha256 hex of a file's bytes: ties codes.pt to its checkpoint
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+    with open(path, "rb") as f:  # read whole: a checkpoint is a few MB, and torch.load reads it all
+        return hashlib.sha256(f.read()).hexdigest()
 
 def load_vqvae(ckpt_path, device="cpu"):  # for prior_transformer.py: ckpt.pt's model, in eval mode
     try:
