@@ -170,8 +170,9 @@ class Model(nn.Module):  # the network, its head and the distribution of L = --l
 def load_split(dataset, data_dir, train):  # the split as one uint8 tensor [N, C, H, W], labels [N]
     try:
         ds = getattr(torchvision.datasets, DATASETS[dataset])(data_dir, train=train, download=True)
-    except Exception as e:
-        fail(f"no {dataset} in --data_dir {data_dir} and its download failed ({type(e).__name__})")
+    except Exception as e:  # not in data_dir, and no network ("urlopen error") or another failure
+        why = "no network" if "urlopen error" in str(e) else type(e).__name__
+        fail(f"no {dataset} in --data_dir {data_dir} and its download failed ({why})")
     x = torch.as_tensor(ds.data)
     x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)  # MNIST [N, H, W]; CIFAR [N, H, W, C]
     return x.contiguous(), torch.as_tensor(ds.targets)

@@ -135,7 +135,7 @@ def load_codes(cfg, device):  # vqvae.py's codes.pt, checked, on the device; and
     if not os.path.exists(ckpt) or file_fingerprint(ckpt) != c["vqvae_sha256"]:
         fail(f"the VQ-VAE {ckpt} is missing or changed since it wrote {path}: rewrite the codes with "
              f"`python vqvae.py --dataset {cfg.dataset} --data_dir {cfg.data_dir} --out_dir "
-             f"{os.path.dirname(ckpt)} --eval_only --write_codes`")
+             f"{os.path.dirname(ckpt)} --eval_only --write_codes --fid_samples 0`")
     if cfg.arch == "gpt" and cfg.n_embd % cfg.n_head:  # the flags setup cannot check
         fail(f"--n_embd {cfg.n_embd} must be a multiple of --n_head {cfg.n_head}")
     if not 0 < cfg.top_p <= 1:

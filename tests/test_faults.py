@@ -250,3 +250,19 @@ def test_device_cuda_without_a_gpu_is_a_one_line_error(script, data_dir, tmp_pat
     more = ["--samples", tmp_path / "s.npz"] if script == "metrics.py" else ["--out_dir", tmp_path]
     r = run_cli(script, "--dataset", "mnist", "--data_dir", data_dir, "--device", "cuda", *more)
     one_line_error(r, "--device cuda is not available here")
+
+
+@pytest.mark.parametrize("module", [s[:-3] for s in SCRIPTS if s != "prior_transformer.py"] + ["metrics"])
+def test_missing_data_says_when_the_download_failed_for_lack_of_network(module, tmp_path, monkeypatch):
+    mod = importlib.import_module(module)
+    def offline(*a, **k):  # what torchvision raises when no mirror can be reached
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried https://x/, got:\n"
+                           "<urlopen error [Errno -2] Name or service not known>\n")
+    monkeypatch.setattr(mod.torchvision.datasets, "MNIST", offline)
+    with pytest.raises(SystemExit, match=r"no mnist in --data_dir \S+ and its download failed \(no network\)"):
+        mod.load_split("mnist", str(tmp_path), train=True)
+    def broken(*a, **k):
+        raise ValueError("a corrupt file")
+    monkeypatch.setattr(mod.torchvision.datasets, "MNIST", broken)
+    with pytest.raises(SystemExit, match=r"its download failed \(ValueError\)"):
+        mod.load_split("mnist", str(tmp_path), train=True)
