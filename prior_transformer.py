@@ -236,6 +236,7 @@ class Config:
 CHOICES = {"dataset": ("fashion", "mnist", "cifar10"), "dtype": ("float32", "bfloat16"),
            "arch": ("gpt", "lstm")}
 ARCH = ("arch", "n_layer", "n_head", "n_embd", "conditional")  # fixed by ckpt.pt
+BY_DEVICE = {}  # Config fields left None: (on CUDA, elsewhere)
 
 # -------------------------------------------------------------- scaffolding, the same in every model file
 RANK = int(os.environ.get("RANK", 0))  # this process under torchrun, of WORLD
@@ -243,34 +244,37 @@ WORLD = int(os.environ.get("WORLD_SIZE", 1))
 NAME = os.path.basename(__file__)  # this file's name, in messages and checkpoints
 def fail(msg):  # a one-line error for the user's mistakes, never a traceback; exit status 1
     raise SystemExit(f"{NAME}: error: {msg}")
-def boolean(s):  # argparse turns the ValueError into a one-line "invalid boolean value" error
-    if s.lower() not in ("true", "1", "yes", "false", "0", "no"):
-        raise ValueError(s)
-    return s.lower() in ("true", "1", "yes")
+def boolean(s):  # true, 1, yes: True; false, 0, no: False; else argparse's one-line error
+    return ("false", "0", "no", "true", "1", "yes").index(s.lower()) >= 3
 def parse_args(argv=None) -> Config:  # a flag per field; -h shows its comment and default
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     notes = dict(re.findall(r"\n +(\w+): .+?  # (.+)", inspect.getsource(Config)))
     for f in dataclasses.fields(Config):  # bools: --resume, --resume true, --resume no
         kind = {"type": boolean, "nargs": "?", "const": True} if f.type is bool else {"type": f.type}
+        shown = "%s on CUDA, %s elsewhere" % BY_DEVICE[f.name] if f.name in BY_DEVICE else f.default
         p.add_argument(f"--{f.name}", **kind, default=f.default, choices=CHOICES.get(f.name),
-                       help=f"{notes.get(f.name, '')} (default: {f.default})")
+                       help=f"{notes.get(f.name, '')} (default: {shown})")
     return Config(**vars(p.parse_args(argv)))
 def setup(cfg):  # check cfg, pick the device (join torchrun's group), make out_dir, load ckpt.pt
+    name = cfg.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    for k, (on_cuda, elsewhere) in BY_DEVICE.items():  # end-of-run sizes, by device
+        if getattr(cfg, k) is None:
+            setattr(cfg, k, on_cuda if name.startswith("cuda") else elsewhere)
     for k, v in vars(cfg).items():  # the choices, and no negative numbers (0 means off)
         if k in CHOICES and v not in CHOICES[k]:
             fail(f"unknown {k} {v!r}; expected one of {', '.join(CHOICES[k])}")
         least = 1 if k in ("max_steps", "batch_size", "log_every", "eval_every") else 0
         if type(v) in (int, float) and v < least:
             fail(f"--{k} must be >= {least}, got {v}")
-    name = cfg.device
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     try:
         torch.empty(0, device=name)  # fails at once for an unknown or missing device
     except Exception as e:
         fail(f"--device {name} is not available here ({type(e).__name__}); try --device cpu")
     if cfg.dtype == "bfloat16" and not name.startswith("cuda"):
         fail("--dtype bfloat16 is autocast on CUDA; use --dtype float32 on this device")
+    torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls in TF32 on CUDA, as convs
     if WORLD > 1 and name == "cuda":  # torchrun: a GPU per process, NCCL
         name = f"cuda:{os.environ['LOCAL_RANK']}"
         torch.cuda.set_device(name)
@@ -279,7 +283,8 @@ def setup(cfg):  # check cfg, pick the device (join torchrun's group), make out_
     cfg.out_dir = cfg.out_dir.replace("{dataset}", cfg.dataset)  # the default: out/<file>-<dataset>
     try:  # a file or a read-only folder fails now, not after the training
         os.makedirs(cfg.out_dir, exist_ok=True)
-        log(cfg, f"{cfg}\ntorch {torch.__version__} | device {name} | processes {WORLD}")
+        log(cfg, f"{cfg}\ntorch {torch.__version__} | device {name} | processes {WORLD} | "
+            + ("TF32 matmuls" if name.startswith("cuda") else "float32 matmuls"))
     except OSError as e:
         fail(f"cannot write to --out_dir {cfg.out_dir} ({e.strerror})")
     path = f"{cfg.out_dir}/ckpt.pt"
@@ -303,7 +308,17 @@ def log(cfg, msg):  # print, and append to log.txt in out_dir: on rank 0 only
         print(msg, flush=True)
         with open(f"{cfg.out_dir}/log.txt", "a") as f:
             f.write(msg + "\n")
+def progress(cfg, what, items):  # yields the items; a line with the ETA every 10 s of a long phase
+    t0 = last = time.perf_counter()
+    for i, item in enumerate(items, 1):
+        yield item
+        if time.perf_counter() - last > 10 and i < len(items):
+            last = time.perf_counter()
+            log(cfg, f"{what} {i}/{len(items)} | eta {(last - t0) * (len(items) - i) / i:.0f}s")
 def stop_if_diverged(cfg, step, value, what="training loss", worst=math.inf):  # exit status 1
+    if torch.is_tensor(value) and WORLD > 1:  # a loss: the mean over the ranks, so that all stop together
+        value = value.detach() / WORLD  # a new tensor, which all_reduce sums in place
+        torch.distributed.all_reduce(value)
     if not value < worst:  # inf, NaN, or worse than this model can be
         saved = os.path.exists(f"{cfg.out_dir}/ckpt.pt")
         fail(f"the {what} diverged at step {step} ({value:.4g}); "
@@ -343,7 +358,6 @@ def main():  # the command line; a batch too big for the memory is a one-line er
         if "out of memory" not in str(e) and "can't allocate memory" not in str(e):
             raise
         fail(f"out of memory at --batch_size {cfg.batch_size}: {str(e).split(' Including')[0]}")
-
 # --------------------------------------------------------------------------- training
 def train(cfg: Config) -> dict:
     device, ckpt = setup(cfg)
