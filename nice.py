@@ -249,7 +249,7 @@ def progress(cfg, what, items):  # yields the items; a line with the ETA every 1
             last = time.perf_counter()
             log(cfg, f"{what} {i}/{len(items)} | eta {(last - t0) * (len(items) - i) / i:.0f}s")
 def stop_if_diverged(cfg, step, value, what="training loss", worst=math.inf):  # exit status 1
-    if torch.is_tensor(value) and WORLD > 1:  # a loss: the mean over the ranks, so that all stop together
+    if torch.is_tensor(value) and WORLD > 1:  # a loss: its mean over the ranks, so all stop together
         value = value.detach() / WORLD  # a new tensor, which all_reduce sums in place
         torch.distributed.all_reduce(value)
     if not value < worst:  # inf, NaN, or worse than this model can be
