@@ -6,6 +6,7 @@ official 0 lets samples overflow); zero padding, not edge-aware; no class condit
 """
 import argparse
 import dataclasses
+import functools
 import inspect
 import json
 import math
@@ -44,7 +45,7 @@ class InvConv1x1(nn.Module):  # invertible 1x1 conv, LU-decomposed (sec. 3.2)
         super().__init__()
         W = torch.linalg.qr(torch.randn(C, C))[0]  # a random rotation
         if permutation != "invconv":  # a fixed permutation, log-det 0: the paper's ablation (fig. 3)
-            W = torch.eye(C)[torch.randperm(C) if permutation == "shuffle" else torch.arange(C).flip(0)]
+            W = torch.eye(C)[torch.randperm(C)] if permutation == "shuffle" else torch.eye(C).flip(0)
         P, L, U = torch.linalg.lu(W)  # W = P L (U + diag(s)): log|det W| = sum log|s|
         self.register_buffer("P", P)
         self.register_buffer("sign_s", U.diagonal().sign())
@@ -153,8 +154,8 @@ class Glow(nn.Module):  # the multi-scale flow (fig. 2b): L x [squeeze, K FlowSt
         eps, logdet = self.forward_flow(y)
         log_p = logdet + sum(-0.5 * (e ** 2 + math.log(2 * math.pi)).flatten(1).sum(1) for e in eps)
         return -log_p / (y[0].numel() * math.log(2)) + 8  # log_p: eq. 2-3, nats
-    def forward(self, x, generator=None):  # uint8 x -> loss and stats in bits/dim
-        loss = self.bpd(dequantize(x, generator).to(self.top)).mean()
+    def forward(self, y):  # dequantized y (see dequantize) -> loss and stats in bits/dim
+        loss = self.bpd(y).mean()
         return loss, {"bpd": loss.detach()}
     @torch.no_grad()
     def data_init(self, x):  # ActNorm's init (sec. 3.1) from one uint8 batch, unless done already
@@ -170,7 +171,7 @@ def dequantize(x, generator=None):  # uint8 -> y = (x + u) / 256 - 1/2 in [-1/2,
     return (x + torch.rand(x.shape, device=x.device, generator=generator)) / 256 - 0.5
 
 def to_uint8(y):  # the bin of y: back to 0..255; NaN shows as mid-grey
-    return ((y.float().nan_to_num() + 0.5) * 256).clamp(0, 255).byte()  # truncation is the floor
+    return ((y.nan_to_num() + 0.5) * 256).clamp(0, 255).byte()  # truncation is the floor
 
 # --------------------------------------------------------------------------- data, evaluation, samples
 def load_split(dataset, data_dir, train):  # the split as one uint8 tensor [N, C, H, W], labels [N]
@@ -186,7 +187,8 @@ def load_split(dataset, data_dir, train):  # the split as one uint8 tensor [N, C
 @torch.inference_mode()
 def evaluate(model, x_test, cfg):  # exact test bits/dim over the whole split, a fixed dequantization
     g = torch.Generator(x_test.device).manual_seed(cfg.seed + 1)
-    bits = sum(model.bpd(dequantize(xb, g)).sum().item() for xb in x_test.split(500))
+    batches = progress(cfg, "test bits/dim", x_test.split(500))
+    bits = sum(model.bpd(dequantize(xb, g)).sum() for xb in batches).item()
     return {"test_bpd": bits / len(x_test), "test_bpd_kind": "exact (dequantized density, 1 noise draw)"}
 
 def save_pictures(model, cfg):  # the same noise every time, and in every row of samples_temps.png
@@ -200,10 +202,11 @@ def sample_metrics(model, cfg, device):  # samples.npz at --fid_temperature; FID
     g = torch.Generator(device).manual_seed(cfg.seed + 2)
     n = cfg.fid_samples or cfg.n_samples
     t0 = time.perf_counter()
-    y = torch.cat([model.sample(min(500, n - i), cfg.fid_temperature, g) for i in range(0, n, 500)])
+    batches = progress(cfg, f"samples at T={cfg.fid_temperature}", range(0, n, 500))
+    y = torch.cat([model.sample(min(500, n - i), cfg.fid_temperature, g) for i in batches])
     imgs = to_uint8(y).cpu()  # inf/NaN samples show mid-grey
-    res = {"sample_images_per_s": n / (time.perf_counter() - t0)}
-    res["samples_nonfinite_frac"] = 1 - y.isfinite().flatten(1).all(1).float().mean().item()
+    res = {"sample_images_per_s": n / (time.perf_counter() - t0),
+           "samples_nonfinite_frac": 1 - y.isfinite().flatten(1).all(1).float().mean().item()}
     np.savez_compressed(f"{cfg.out_dir}/samples.npz", images=imgs.numpy(), temperature=cfg.fid_temperature)
     return res | (fid_metrics(imgs, cfg, device) if cfg.fid_samples else {})
 
@@ -238,7 +241,7 @@ class Config:
     fid_samples: int = None  # samples for FID / precision / recall; 0 skips the metrics
 
 DATASETS = {"fashion": "FashionMNIST", "mnist": "MNIST", "cifar10": "CIFAR10"}
-OPTIMIZERS = {"adam": torch.optim.Adam, "adamax": torch.optim.Adamax}
+OPTIMIZERS = {"adam": functools.partial(torch.optim.Adam, fused=True), "adamax": torch.optim.Adamax}
 CHOICES = {"dataset": tuple(DATASETS), "permutation": ("invconv", "shuffle", "reverse"),
            "coupling": ("affine", "additive"), "scale_fn": ("sigmoid", "exp"),
            "optimizer": tuple(OPTIMIZERS), "dtype": ("float32", "bfloat16")}
@@ -386,7 +389,7 @@ def train(cfg: Config) -> dict:
         g.manual_seed(cfg.seed + 1000 * RANK + step)  # the other ranks draw new batches
         if RANK == 0:
             g.set_state(ckpt["rng"])  # rank 0 continues exactly
-    model.data_init(x_train[torch.randperm(len(x_train))[:256]])  # before DDP
+    model.data_init(x_train[:256])  # the first batch, before DDP; a no-op for a loaded model
     fwd = nn.parallel.DistributedDataParallel(model) if WORLD > 1 else model
     fwd = torch.compile(fwd) if cfg.compile else fwd
     t0 = time.perf_counter()
@@ -398,19 +401,19 @@ def train(cfg: Config) -> dict:
         for group in opt.param_groups:
             group["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
         with torch.autocast(device.type, torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
-            loss, stats = fwd(x, g)
+            loss, stats = fwd(dequantize(x, g))  # the noise u drawn outside the compiled graph
         opt.zero_grad()
         loss.backward()
         opt.step()
         step += 1
         t_train += time.perf_counter() - t_step
         if step % cfg.log_every == 0 or step % cfg.eval_every == 0 or step == cfg.max_steps:
-            bpd = stats["bpd"].item()  # the device syncs at log steps only
+            bpd = stats["bpd"]  # bits/dim, a 0-dim tensor
             stop_if_diverged(cfg, step, bpd)  # on every rank, before a diverged model is saved
-            curves["train"].append((step, bpd))
+            curves["train"].append((step, bpd.item()))  # the device syncs at log steps only
             speed = (step - start) * cfg.batch_size * WORLD / t_train
             eta = (cfg.max_steps - step) * (time.perf_counter() - t0) / (step - start) / 60
-            log(cfg, f"step {step}/{cfg.max_steps} | loss {bpd:.3f} bits/dim"
+            log(cfg, f"step {step}/{cfg.max_steps} | loss {curves['train'][-1][1]:.3f} bits/dim"
                 f" | {speed:.0f} img/s | eta {eta:.1f}m")
         if RANK == 0 and (step % cfg.eval_every == 0 or step == cfg.max_steps):
             save_pictures(model, cfg)

@@ -32,7 +32,8 @@ class Coupling(nn.Module):  # eq. (6)-(8): y1 = x1, y2 = x2 + m(x1), so x2 = y2 
         pairs = x.unflatten(1, (-1, 2))  # [B, D/2, 2]: (even, odd) entries
         x1 = pairs[..., self.parity]
         x2 = pairs[..., 1 - self.parity]
-        y2 = x2 - self.m(x1) if reverse else x2 + self.m(x1)
+        shift = self.m(x1).float()  # the sum in float32, under bf16 autocast too
+        y2 = x2 - shift if reverse else x2 + shift
         y = (y2, x1) if self.parity else (x1, y2)
         return torch.stack(y, -1).flatten(1)
 
@@ -54,10 +55,10 @@ class NICE(nn.Module):
             h = coupling(h, reverse=True)
         return h
     def log_prob(self, x):  # change of variables: log p_H(f(x)) + log|det df/dx|, in nats [B]
-        z, logdet = self.forward_flow(x)  # float32 under autocast too: the couplings add to x
+        z, logdet = self.forward_flow(x)
         if self.prior == "logistic":  # log p_H(z) = -log(1 + e^z) - log(1 + e^-z) (sec. 3.4)
             return logdet - (nn.functional.softplus(z) + nn.functional.softplus(-z)).sum(1)
-        return logdet + torch.distributions.Normal(0, 1).log_prob(z).sum(1)
+        return logdet - 0.5 * (z ** 2 + math.log(2 * math.pi)).sum(1)  # the standard normal
     def forward(self, x):  # the loss -log p(x) in nats per dimension; stats in nats per example
         nll = -self.log_prob(x).mean()
         return nll / self.D, {"nll_nats": nll.detach()}
@@ -68,6 +69,8 @@ class NICE(nn.Module):
 
 # --------------------------------------------------------------------------- data, evaluation, samples
 def load_split(dataset, data_dir, train):  # the split as one uint8 tensor [N, C, H, W], labels [N]
+    if dataset in TOY_SETS:  # fixed draws of the 2-D density: float [N, 2], no labels
+        return toy_data(dataset, 100_000 if train else 20_000, 0 if train else 10_000), None
     try:
         ds = getattr(torchvision.datasets, DATASETS[dataset])(data_dir, train=train, download=True)
     except Exception as e:  # not in data_dir, and no network ("urlopen error") or another failure
@@ -80,26 +83,16 @@ def load_split(dataset, data_dir, train):  # the split as one uint8 tensor [N, C
 def toy_data(name, n, seed):  # n points [n, 2] of a 2-D density (FFJORD's), within about [-4, 4]^2
     torch.manual_seed(seed)  # torch's global generator: train() reseeds it before the model
     if name == "moons":  # two interleaved half circles
-        upper = circle(math.pi * torch.rand(n))
+        t = math.pi * torch.rand(n)
+        upper = torch.stack([t.cos(), t.sin()], 1)
         x = torch.where(torch.rand(n, 1) < 0.5, upper, torch.tensor([1, 0.5]) - upper)
         return 2 * (x + 0.1 * torch.randn(n, 2)) + torch.tensor([-1, -0.2])
-    if name == "circles":  # radii 3 and 1.5
-        t = 2 * math.pi * torch.rand(n)
-        r = 0.5 + 0.5 * (torch.rand(n, 1) < 0.5)
-        return 3 * (r * circle(t) + 0.08 * torch.randn(n, 2))
-    if name == "8gaussians":  # on a circle of radius 4 / 1.414
-        centre = 4 * circle(math.pi / 4 * torch.randint(0, 8, (n,)))
-        return (centre + 0.5 * torch.randn(n, 2)) / 1.414
-    if name == "checkerboard":  # x2 in the squares of the other colour: x1's column picks the row
-        x1 = 4 * torch.rand(n) - 2
-        x2 = torch.rand(n) - 2 * (torch.rand(n) < 0.5) + x1.floor() % 2
-        return 2 * torch.stack([x1, x2], 1)
-    t = torch.rand(n).sqrt() * 3 * math.pi  # spirals: two interleaved arms
-    arm = t[:, None] * circle(t)
-    return torch.where(torch.rand(n, 1) < 0.5, arm, -arm) / 3 + 0.1 * torch.randn(n, 2)
-
-def circle(t):  # the points [N, 2] at the angles t [N] on the unit circle
-    return torch.stack([t.cos(), t.sin()], 1)
+    if name == "8gaussians":  # at 8 angles on a circle of radius 4 / 1.414
+        t = math.pi / 4 * torch.randint(0, 8, (n,))
+        return (4 * torch.stack([t.cos(), t.sin()], 1) + 0.5 * torch.randn(n, 2)) / 1.414
+    x1 = 4 * torch.rand(n) - 2  # checkerboard: x2 in the other colour's squares of x1's column
+    x2 = torch.rand(n) - 2 * (torch.rand(n) < 0.5) + x1.floor() % 2
+    return 2 * torch.stack([x1, x2], 1)
 
 def to_input(x, cfg, generator):  # uint8 images -> y = (x + u) / 256, u ~ U[0, 1)^D; toy data as is
     if cfg.dataset in TOY_SETS:
@@ -109,9 +102,8 @@ def to_input(x, cfg, generator):  # uint8 images -> y = (x + u) / 256, u ~ U[0, 
 @torch.inference_mode()
 def evaluate(model, x_test, cfg):  # the exact NLL of the whole test split, with the same noise u
     g = torch.Generator(x_test.device).manual_seed(cfg.seed + 1)
-    nll = 0.0  # nats per example
-    for x in x_test.split(1000):
-        nll -= model.log_prob(to_input(x, cfg, g)).sum().item() / len(x_test)
+    batches = progress(cfg, "test NLL", x_test.split(1000))
+    nll = -sum(model.log_prob(to_input(x, cfg, g)).sum() for x in batches).item() / len(x_test)
     if cfg.dataset in TOY_SETS:
         return {"test_nll_nats": nll}
     bpd = nll / model.D / math.log(2) + 8  # 8-bit x: bpd = (-log p(y) + D log 256) / (D log 2)
@@ -163,7 +155,7 @@ class Config:
             setattr(self, k, getattr(self, k) or v)
 
 DATASETS = {"fashion": "FashionMNIST", "mnist": "MNIST", "cifar10": "CIFAR10"}
-TOY_SETS = ("moons", "circles", "8gaussians", "checkerboard", "spirals")  # toy_data() draws them
+TOY_SETS = ("moons", "8gaussians", "checkerboard")  # toy_data() draws them
 IMAGES = dict(n_couplings=4, hidden=1000, max_steps=30000, batch_size=200, lr=1e-3)
 TOY = dict(n_couplings=8, hidden=64, max_steps=3000, batch_size=512, lr=3e-3)
 CHOICES = {"dataset": (*DATASETS, *TOY_SETS), "prior": ("logistic", "gaussian"),
@@ -295,28 +287,23 @@ def main():  # the command line; a batch too big for the memory is a one-line er
 def train(cfg: Config) -> dict:
     device, ckpt = setup(cfg)
     toy = cfg.dataset in TOY_SETS
-    if toy:  # fixed draws of the density, float [N, 2]
-        x_train = toy_data(cfg.dataset, 100_000, cfg.seed).to(device)
-        x_test = toy_data(cfg.dataset, 20_000, cfg.seed + 10_000).to(device)
-    else:  # all on the device, uint8 [N, C, H, W]
-        x_train = load_split(cfg.dataset, cfg.data_dir, train=True)[0].to(device)
-        x_test = load_split(cfg.dataset, cfg.data_dir, train=False)[0].to(device)
+    x_train = load_split(cfg.dataset, cfg.data_dir, train=True)[0].to(device)  # all on the device
+    x_test = load_split(cfg.dataset, cfg.data_dir, train=False)[0].to(device)
     torch.manual_seed(cfg.seed + RANK)  # DDP gives every rank rank 0's initial weights
     model = NICE(cfg, x_test[0].numel()).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), eps=1e-4)  # paper: 1 - beta2 = 0.01
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), eps=1e-4, fused=True)  # paper: 1 - beta2 = 0.01
     g = torch.Generator(device).manual_seed(cfg.seed + 1000 * RANK)  # batches and the noise u
     step, curves = 0, {"train": [], "test": []}  # curves: (step, NLL) pairs for loss.png
-    if ckpt:
+    x = x_train[torch.randint(len(x_train), (2000,), device=device, generator=g)]
+    std = math.pi / 3 ** 0.5 if cfg.prior == "logistic" else 1.0  # ours: z starts at the prior's std
+    model.s.data += torch.log(std / model.forward_flow(to_input(x, cfg, g))[0].detach().std(0))
+    if ckpt:  # its s replaces that one
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         step, curves = ckpt["step"], ckpt["curves"]
         g.manual_seed(cfg.seed + 1000 * RANK + step)  # the other ranks draw new batches
         if RANK == 0:
             g.set_state(ckpt["rng"])  # rank 0 continues exactly
-    else:  # ours: s puts z of 2000 examples at the prior's std, not ~1000 Adam steps away
-        x = x_train[torch.randint(len(x_train), (2000,), device=device, generator=g)]
-        std = math.pi / 3 ** 0.5 if cfg.prior == "logistic" else 1.0
-        model.s.data += torch.log(std / model.forward_flow(to_input(x, cfg, g))[0].detach().std(0))
     fwd = nn.parallel.DistributedDataParallel(model) if WORLD > 1 else model
     fwd = torch.compile(fwd) if cfg.compile else fwd
     keys = ["test_nll_nats"] if toy else ["test_bpd", "test_loglik_nats", "fid"]  # [0]: the curves'
@@ -337,13 +324,13 @@ def train(cfg: Config) -> dict:
         step += 1
         t_train += time.perf_counter() - t_step
         if step % cfg.log_every == 0 or step % cfg.eval_every == 0 or step == cfg.max_steps:
-            nll = stats["nll_nats"].item()  # the device syncs at log steps only
+            nll = stats["nll_nats"]  # nats per example; the device syncs at log steps only
             stop_if_diverged(cfg, step, nll)  # on every rank, before a diverged model is saved
-            curves["train"].append((step, nll if toy else nll / model.D / math.log(2) + 8))  # or bpd
+            curves["train"].append((step, (nll if toy else nll / model.D / math.log(2) + 8).item()))
             speed = (step - start) * cfg.batch_size * WORLD / t_train
+            eta = (cfg.max_steps - step) * t_train / (step - start) / 60
             log(cfg, f"step {step}/{cfg.max_steps} | train {curves['train'][-1][1]:.3f}"
-                f" {'nats' if toy else 'bpd'} | {speed:.0f} img/s"
-                f" | eta {(cfg.max_steps - step) * cfg.batch_size * WORLD / speed / 60:.1f}m")
+                f" {'nats' if toy else 'bpd'} | {speed:.0f} img/s | eta {eta:.1f}m")
         if RANK == 0 and (step % cfg.eval_every == 0 or step == cfg.max_steps):
             save_samples(model, x_test, cfg)
             curves["test"].append((step, evaluate(model, x_test, cfg)[keys[0]]))

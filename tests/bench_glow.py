@@ -49,7 +49,7 @@ def main():
 
     def step():
         with autocast:
-            loss, _ = fwd(x)
+            loss, _ = fwd(glow.dequantize(x))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -73,8 +73,9 @@ def test_prior_density_integrates_to_one(prior):
     assert var == pytest.approx(math.pi ** 2 / 3 if prior == "logistic" else 1.0, rel=1e-5)
 
 
-def test_log_prob_against_torch_distributions():
-    model = random_flow()
+@pytest.mark.parametrize("prior", ["logistic", "gaussian"])
+def test_log_prob_against_torch_distributions(prior):
+    model = random_flow(prior=prior)
     x = torch.randn(4, 6, dtype=torch.float64)
     h = x
     for c in model.couplings:  # composed by hand, then the scaling layer
@@ -83,7 +84,8 @@ def test_log_prob_against_torch_distributions():
     logistic = torch.distributions.TransformedDistribution(  # standard logistic = logit(U(0, 1))
         torch.distributions.Uniform(torch.zeros(6, dtype=torch.float64), torch.ones(6, dtype=torch.float64)),
         [torch.distributions.transforms.SigmoidTransform().inv])
-    expected = logistic.log_prob(z).sum(1) + model.s.sum()
+    gaussian = torch.distributions.Normal(torch.zeros(6, dtype=torch.float64), 1.0)
+    expected = (logistic if prior == "logistic" else gaussian).log_prob(z).sum(1) + model.s.sum()
     assert torch.allclose(model.log_prob(x), expected, atol=1e-10)
 
 
@@ -95,6 +97,16 @@ def test_samples_follow_the_prior_and_the_scaling(prior, var):
     assert x.var(0).tolist() == pytest.approx([0.25 * var] * 2, rel=0.03)
     same = [model.sample(5, torch.Generator().manual_seed(1)) for _ in range(2)]
     assert torch.equal(*same)  # the same generator seed gives the same samples
+
+
+def test_bfloat16_autocast_keeps_the_flow_in_float32():
+    model = random_flow().float()
+    x = torch.randn(8, 6)
+    full, _ = model(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the CUDA path's autocast, run on the CPU
+        half, _ = model(x)
+        z, _ = model.forward_flow(x)
+    assert half.dtype == z.dtype == torch.float32 and abs(half.item() - full.item()) < 0.05
 
 
 def test_bpd_units_and_the_paper_number():
@@ -193,7 +205,7 @@ def test_cli_toy_under_torchrun_writes_density(tmp_path):
 
 
 def test_cli_errors_are_one_line(cli, tmp_path):
-    r = cli("nice.py", "--dataset", "spirals", "--lr", "-1", "--out_dir", tmp_path)
+    r = cli("nice.py", "--dataset", "checkerboard", "--lr", "-1", "--out_dir", tmp_path)
     assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1
     assert "nice.py: error: --lr must be >= 0, got -1.0" in r.stderr
 
