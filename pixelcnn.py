@@ -364,7 +364,7 @@ def train(cfg: Config) -> dict:
     x_test, y_test = (t.to(device) for t in load_split(cfg.dataset, cfg.data_dir, train=False))
     torch.manual_seed(cfg.seed + RANK)  # DDP gives every rank rank 0's initial weights
     model = Model(cfg, x_train.shape[1:]).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)
     g = torch.Generator(device).manual_seed(cfg.seed + 1000 * RANK)  # the batches
     step, curves = 0, {"train": [], "test": []}  # curves: (step, bits/dim) pairs for loss.png
     if ckpt:
@@ -397,7 +397,7 @@ def train(cfg: Config) -> dict:
         t_train += time.perf_counter() - t_step
         if step % cfg.log_every == 0 or step % cfg.eval_every == 0 or step == cfg.max_steps:
             curves["train"].append((step, loss.item()))  # the device syncs at log steps only
-            stop_if_diverged(cfg, step, loss.item(), worst=worst)  # every rank, before it is saved
+            stop_if_diverged(cfg, step, loss.detach(), worst=worst)  # every rank, before it is saved
             speed = (step - start) * cfg.batch_size * WORLD / t_train
             eta = (cfg.max_steps - step) * (time.perf_counter() - t0) / (step - start) / 60
             log(cfg, f"step {step}/{cfg.max_steps} | loss {loss.item():.4f} bits/dim"

@@ -371,7 +371,8 @@ def train(cfg: Config) -> dict:
     model = Prior(cfg, codes["codebook_size"], codes["grid"], n_classes).to(device)
     groups = [{"params": [p for p in model.parameters() if p.dim() >= 2]},  # matrices, embeddings
               {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay,
+                            fused=True)
     g = torch.Generator(device).manual_seed(cfg.seed + 1000 * RANK)  # batches and flips
     step, curves = 0, {"train": [], "test": []}  # curves: (step, loss) pairs for loss.png
     if ckpt:
@@ -406,7 +407,7 @@ def train(cfg: Config) -> dict:
         t_train += time.perf_counter() - t_step
         if step % cfg.log_every == 0 or step % cfg.eval_every == 0 or step == cfg.max_steps:
             curves["train"].append((step, loss.item()))  # the device syncs at log steps only
-            stop_if_diverged(cfg, step, loss.item())  # on every rank, before a diverged model is saved
+            stop_if_diverged(cfg, step, loss.detach())  # on every rank, before a diverged model is saved
             speed = (step - start) * cfg.batch_size * WORLD / t_train
             eta = (cfg.max_steps - step) * (time.perf_counter() - t0) / (step - start) / 60
             log(cfg, f"step {step}/{cfg.max_steps} | loss {loss.item():.4f} nats/code"

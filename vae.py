@@ -305,7 +305,7 @@ def train(cfg: Config) -> dict:
     x_test = load_split(cfg.dataset, cfg.data_dir, train=False)[0].to(device)
     torch.manual_seed(cfg.seed + RANK)  # DDP gives every rank rank 0's initial weights
     model = VAE(cfg, *x_train.shape[1:3]).to(device)  # channels, size
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)
     g = torch.Generator(device).manual_seed(cfg.seed + 1000 * RANK)  # batches and binarization
     step, curves = 0, {"train": [], "test": []}  # curves: (step, loss) pairs for loss.png
     if ckpt:
@@ -334,7 +334,7 @@ def train(cfg: Config) -> dict:
         t_train += time.perf_counter() - t_step
         if step % cfg.log_every == 0 or step % cfg.eval_every == 0 or step == cfg.max_steps:
             curves["train"].append((step, loss.item()))  # the device syncs at log steps only
-            stop_if_diverged(cfg, step, loss.item())  # on every rank, before a diverged model is saved
+            stop_if_diverged(cfg, step, loss.detach())  # on every rank, before a diverged model is saved
             speed = (step - start) * cfg.batch_size * WORLD / t_train
             eta = (cfg.max_steps - step) * (time.perf_counter() - t0) / (step - start) / 60
             log(cfg, f"step {step}/{cfg.max_steps} | loss {loss.item():.2f} | rec {stats['rec'].item():.2f}"
