@@ -1,10 +1,12 @@
 """Glow (Kingma & Dhariwal 2018): L levels of [squeeze, K steps of flow, split] (fig. 2), a step of
 flow being ActNorm -> invertible 1x1 conv -> affine coupling; exact bits/dim of dequantized data.
 Deviations: a bounded coupling scale s = s_min + (1 - s_min) sigmoid(h + 2), --scale_min 0.5 (the
-official 0 lets samples overflow); zero padding, not edge-aware; no class conditioning or Polyak averaging.
+official 0 lets samples overflow); zero padding, not edge-aware; no class conditioning. As in the
+official code, a Polyak average of the weights (--ema) is evaluated and sampled.
     python glow.py --dataset fashion
 """
 import argparse
+import copy
 import dataclasses
 import functools
 import inspect
@@ -226,7 +228,8 @@ class Config:
     batch_size: int = 64  # images per step (per process under torchrun)
     lr: float = 1e-3  # peak, after the warmup
     warmup_steps: int = 1000  # linear learning-rate warmup
-    optimizer: str = "adam"  # adam | adamax (official code)
+    optimizer: str = "adam"  # adam | adamax; the official code: Adamax, lr 1e-3
+    ema: float = 0.999  # Polyak averaging: decay of the evaluated, sampled weights' average; 0: off
     seed: int = 0
     eval_every: int = 2000  # steps between test bits/dim, pictures and checkpoints
     log_every: int = 100  # steps between progress lines
@@ -379,17 +382,20 @@ def train(cfg: Config) -> dict:
         fail(f"--L {cfg.L} cannot halve {size}x{size} images {cfg.L} times")
     torch.manual_seed(cfg.seed + RANK)  # DDP gives every rank rank 0's initial weights
     model = Glow(cfg, x_train.shape[1:]).to(device)
-    opt = OPTIMIZERS[cfg.optimizer](model.parameters(), lr=cfg.lr)
+    model.data_init(x_train[:256])  # the first batch, before DDP; a loaded checkpoint replaces it
+    ema = copy.deepcopy(model).requires_grad_(False)  # the Polyak average, as in the official code
+    params, ema_params = list(model.parameters()), list(ema.parameters())
+    opt = OPTIMIZERS[cfg.optimizer](params, lr=cfg.lr)
     g = torch.Generator(device).manual_seed(cfg.seed + 1000 * RANK)  # batches and dequantization
     step, curves = 0, {"train": [], "test": []}  # curves: (step, bits/dim) pairs for loss.png
     if ckpt:
         model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt.get("ema", ckpt["model"]))  # older files: the last weights
         opt.load_state_dict(ckpt["optimizer"])
         step, curves = ckpt["step"], ckpt["curves"]
         g.manual_seed(cfg.seed + 1000 * RANK + step)  # the other ranks draw new batches
         if RANK == 0:
             g.set_state(ckpt["rng"])  # rank 0 continues exactly
-    model.data_init(x_train[:256])  # the first batch, before DDP; a no-op for a loaded model
     fwd = nn.parallel.DistributedDataParallel(model) if WORLD > 1 else model
     fwd = torch.compile(fwd) if cfg.compile else fwd
     t0 = time.perf_counter()
@@ -405,6 +411,9 @@ def train(cfg: Config) -> dict:
         opt.zero_grad()
         loss.backward()
         opt.step()
+        decay = min(cfg.ema, (1 + step) / (10 + step))  # a short run averages over fewer steps
+        with torch.no_grad():  # the official decay: 1 - 1 / (steps per epoch), 0.9987 on CIFAR-10
+            torch._foreach_lerp_(ema_params, params, 1 - decay)  # ema += (1 - decay) (w - ema)
         step += 1
         t_train += time.perf_counter() - t_step
         if step % cfg.log_every == 0 or step % cfg.eval_every == 0 or step == cfg.max_steps:
@@ -416,19 +425,19 @@ def train(cfg: Config) -> dict:
             log(cfg, f"step {step}/{cfg.max_steps} | loss {curves['train'][-1][1]:.3f} bits/dim"
                 f" | {speed:.0f} img/s | eta {eta:.1f}m")
         if RANK == 0 and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-            save_pictures(model, cfg)
-            curves["test"].append((step, evaluate(model, x_test, cfg)["test_bpd"]))
-            log(cfg, f"eval step {step} | test {curves['test'][-1][1]:.4f} bits/dim (exact)")
+            save_pictures(ema, cfg)
+            curves["test"].append((step, evaluate(ema, x_test, cfg)["test_bpd"]))
+            log(cfg, f"eval step {step} | test {curves['test'][-1][1]:.4f} bits/dim (exact, ema)")
             save_checkpoint(cfg, step, curves["test"][-1][1], model=model.state_dict(),
-                            optimizer=opt.state_dict(), curves=curves, rng=g.get_state(),
-                            train_images_per_s=speed)
+                            ema=ema.state_dict(), optimizer=opt.state_dict(), curves=curves,
+                            rng=g.get_state(), train_images_per_s=speed)
     if WORLD > 1:
         torch.distributed.destroy_process_group()
     if RANK != 0:
         return {}
-    res = evaluate(model, x_test, cfg)
-    save_pictures(model, cfg)
-    res |= sample_metrics(model, cfg, device)
+    res = evaluate(ema, x_test, cfg)  # the Polyak average, as the checkpoints' test curve
+    save_pictures(ema, cfg)
+    res |= sample_metrics(ema, cfg, device)
     res |= {"steps": step, "wall_s": time.perf_counter() - t0, "device": str(device)}
     res["train_images_per_s"] = speed if step > start else ckpt["train_images_per_s"]
     return finish(cfg, res, curves, ["test_bpd", "fid", "samples_nonfinite_frac"])

@@ -3,6 +3,7 @@ training, checkpoints and errors end to end on the synthetic data of conftest.py
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -283,7 +284,7 @@ def test_train_in_process_writes_everything_and_checkpoint_round_trips(data_dir,
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     cfg = glow.Config(**ckpt["config"])  # the checkpoint alone rebuilds the model
     model = glow.Glow(cfg, (1, 28, 28))
-    model.load_state_dict(ckpt["model"])
+    model.load_state_dict(ckpt["ema"])  # the Polyak average is what train() evaluates
     x_test, _ = glow.load_split("fashion", str(data_dir), train=False)
     assert glow.evaluate(model, x_test, cfg)["test_bpd"] == pytest.approx(res["test_bpd"], abs=1e-6)
     again = glow.train(run_cfg(data_dir, tmp_path, dataset="fashion", eval_only=True))
@@ -308,6 +309,59 @@ def test_resume_continues_from_the_saved_step_and_matches_an_uninterrupted_run(d
     resumed = glow.train(run_cfg(data_dir, tmp_path / "b", max_steps=6, resume=True))
     assert "loaded" in (tmp_path / "b" / "log.txt").read_text() and resumed["steps"] == 6
     assert resumed["test_bpd"] == pytest.approx(straight["test_bpd"], abs=1e-5)
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in "ab")
+    assert a["ema"].keys() == a["model"].keys()  # the average is saved, and resumed from
+    for k in a["ema"]:  # the same Polyak average as the uninterrupted run's
+        assert torch.allclose(b["ema"][k], a["ema"][k], rtol=0, atol=1e-6), k
+    assert any(not torch.equal(a["ema"][k], a["model"][k]) for k in a["ema"])  # a real average
+
+
+def initial_weights(cfg, data_dir):
+    """The weights train(cfg) starts from: its seed, then ActNorm's data-dependent init on the first 256 images."""
+    torch.manual_seed(cfg.seed)
+    model = glow.Glow(cfg, (1, 28, 28))
+    model.data_init(glow.load_split(cfg.dataset, str(data_dir), train=True)[0][:256])
+    return model
+
+
+def test_polyak_average_is_what_is_evaluated_and_follows_the_decay(data_dir, tmp_path):
+    """One step from w0 to w1 with --ema 0.999: the decay is min(0.999, (1 + 0) / (10 + 0)) = 0.1, so the average
+    is 0.1 w0 + 0.9 w1 (a decay of 0.999 from the first step would leave it at w0). test_bpd (and --eval_only) score
+    the average, not the last weights."""
+    cfg = run_cfg(data_dir, tmp_path, max_steps=1, ema=0.999, lr=1e-2, warmup_steps=1)
+    w0 = initial_weights(cfg, data_dir).state_dict()
+    res = glow.train(cfg)
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    w1, avg = ckpt["model"], ckpt["ema"]
+    moved = 0
+    for k, v in w0.items():
+        if v.dtype == torch.bool:  # ActNorm's initialized flags: set in both
+            assert avg[k] and w1[k], k
+            continue
+        assert torch.allclose(avg[k], 0.1 * v + 0.9 * w1[k], rtol=0, atol=1e-6), k
+        moved += not torch.equal(w1[k], v)
+    assert moved > 10  # the step changed the weights, so the average is not trivially w0 = w1
+    x_test, _ = glow.load_split("mnist", str(data_dir), train=False)
+    score, models = {}, {}
+    for name in ("ema", "model"):
+        models[name] = glow.Glow(glow.Config(**ckpt["config"]), (1, 28, 28))
+        models[name].load_state_dict(ckpt[name])
+        score[name] = glow.evaluate(models[name], x_test, cfg)["test_bpd"]
+    assert res["test_bpd"] == pytest.approx(score["ema"], abs=1e-6) and ckpt["curves"]["test"][-1][1] == res["test_bpd"]
+    assert abs(score["model"] - score["ema"]) > 1e-3, score  # evaluating the last weights would fail the line above
+    saved = torch.from_numpy(np.load(tmp_path / "samples.npz")["images"])  # sample_metrics's noise, seed + 2
+    drawn = {k: glow.to_uint8(m.sample(4, 1.0, torch.Generator().manual_seed(cfg.seed + 2))) for k, m in models.items()}
+    assert torch.equal(saved, drawn["ema"]) and not torch.equal(saved, drawn["model"])  # sampled from the average
+    again = glow.train(run_cfg(data_dir, tmp_path, eval_only=True))
+    assert again["test_bpd"] == pytest.approx(score["ema"], abs=1e-6)
+    assert "bits/dim (exact, ema)" in (tmp_path / "log.txt").read_text()
+
+
+def test_ema_zero_is_the_last_weights(data_dir, tmp_path):
+    res = glow.train(run_cfg(data_dir, tmp_path, max_steps=3, ema=0.0))
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert res["config"]["ema"] == 0.0 and ckpt["step"] == 3
+    assert all(torch.equal(ckpt["ema"][k], v) for k, v in ckpt["model"].items())
 
 
 def test_cli_end_to_end(data_dir, tmp_path, cli):
@@ -326,7 +380,7 @@ def test_metrics_end_to_end(data_dir, tmp_path):
     res = glow.train(run_cfg(data_dir, tmp_path, max_steps=2, fid_samples=32))
     assert math.isfinite(res["fid"]) and 0 <= res["precision"] <= 1 and res["config"]["fid_temperature"] == 1.0
     assert 0 <= res["samples_nonfinite_frac"] <= 1 and res["sample_images_per_s"] > 0
-    assert len(__import__("numpy").load(tmp_path / "samples.npz")["images"]) == 32
+    assert len(np.load(tmp_path / "samples.npz")["images"]) == 32
 
 
 # ----------------------------------------------------------------------------- bad input
