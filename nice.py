@@ -1,6 +1,8 @@
 """NICE (Dinh, Krueger & Bengio 2014): z = exp(s) * g_K(... g_1(x)) with additive couplings g (y2 =
 x2 + m(x1), x1 and x2 the even and odd entries in turn, m a ReLU MLP): exact log p(x) = log p_H(z) +
-sum(s), p_H logistic or gaussian. Ours: no ZCA on cifar10; s set from one batch; 2-D toy sets too.
+sum(s), p_H logistic or gaussian. Adam (paper) with the official code's lr decay; the test split
+scores the model that did best on 10,000 held-out training images, as the official code's yaml does.
+Ours: no ZCA on cifar10; s set from one batch; a seeded draw, not the last 10,000; 2-D toy sets too.
     python nice.py --dataset mnist    # or --dataset moons (density.png)
 """
 import argparse
@@ -80,6 +82,13 @@ def load_split(dataset, data_dir, train):  # the split as one uint8 tensor [N, C
     x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)  # MNIST [N, H, W]; CIFAR [N, H, W, C]
     return x.contiguous(), torch.as_tensor(ds.targets)
 
+def hold_out(x, cfg):  # (train, val): a seeded draw of the training split, the same in every run
+    n = min(10_000, len(x) // 5) if cfg.val_images is None else cfg.val_images  # a small split: 1/5
+    if n >= len(x):
+        fail(f"--val_images {n} must be < the {len(x)} examples of the training split")
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))  # not --seed's
+    return x[perm[n:]], x[perm[:n]]
+
 def toy_data(name, n, seed):  # n points [n, 2] of a 2-D density (FFJORD's), within about [-4, 4]^2
     torch.manual_seed(seed)  # torch's global generator: train() reseeds it before the model
     if name == "moons":  # two interleaved half circles
@@ -99,15 +108,21 @@ def to_input(x, cfg, generator):  # uint8 images -> y = (x + u) / 256, u ~ U[0, 
         return x
     return (x.float() + torch.rand(x.shape, generator=generator, device=x.device)) / 256
 
+def learning_rate(cfg, step):  # the official exp/nice_*.yaml: pylearn2's ExponentialDecay per step
+    if cfg.dataset in TOY_SETS:  # ours: a cosine decay to 0
+        return cfg.lr * (0.5 + 0.5 * math.cos(math.pi * step / cfg.max_steps))
+    return max(cfg.lr * (1 + cfg.lr_decay) ** -step, cfg.lr * cfg.lr_floor)
+
 @torch.inference_mode()
-def evaluate(model, x_test, cfg):  # the exact NLL of the whole test split, with the same noise u
-    g = torch.Generator(x_test.device).manual_seed(cfg.seed + 1)
-    batches = progress(cfg, "test NLL", x_test.split(1000))
-    nll = -sum(model.log_prob(to_input(x, cfg, g)).sum() for x in batches).item() / len(x_test)
+def evaluate(model, x, cfg, split="test"):  # the exact NLL of a whole split, with the same noise u
+    g = torch.Generator(x.device).manual_seed(cfg.seed + 1)
+    batches = progress(cfg, f"{split} NLL", x.split(1000))
+    nll = -sum(model.log_prob(to_input(b, cfg, g)).sum() for b in batches).item() / len(x)
     if cfg.dataset in TOY_SETS:
-        return {"test_nll_nats": nll}
+        return {f"{split}_nll_nats": nll}
     bpd = nll / model.D / math.log(2) + 8  # 8-bit x: bpd = (-log p(y) + D log 256) / (D log 2)
-    return {"test_bpd": bpd, "test_bpd_kind": "exact", "test_loglik_nats": -nll}  # paper: log p(y)
+    # the paper reports log p(y) in nats: MNIST 1980.50, i.e. 4.36 bpd
+    return {f"{split}_bpd": bpd, f"{split}_bpd_kind": "exact", f"{split}_loglik_nats": -nll}
 
 @torch.inference_mode()
 def save_samples(model, x_test, cfg, n=0):  # samples.png (toy sets: density.png); n -> samples.npz
@@ -139,9 +154,12 @@ class Config:
     hidden: int = 0  # units of each hidden layer of m; 0: 1000 (paper), 64 on a toy set
     max_steps: int = 0  # optimizer steps; 0: 30000, 3000 on a toy set
     batch_size: int = 0  # examples per step (per process under torchrun); 0: 200, 512 on a toy set
-    lr: float = 0.0  # Adam; 0: 1e-3, constant (paper), or 3e-3 with a cosine decay on a toy set
+    lr: float = 0.0  # Adam's initial rate; 0: 1e-3 (paper), 3e-3 on a toy set (a cosine decay to 0)
+    lr_decay: float = 5e-4  # lr / (1 + lr_decay)^step (official yaml: 1.0005 per step); 0: constant
+    lr_floor: float = 0.1  # the decay stops at lr * lr_floor (official MNIST yaml: 1e-4 of 1e-3)
+    val_images: int = None  # held out of training to pick the model; None: 10,000 (paper); 0: none
     seed: int = 0
-    eval_every: int = 1000  # steps between test NLLs, pictures and checkpoints
+    eval_every: int = 1000  # steps between validation NLLs, pictures and checkpoints
     log_every: int = 100  # steps between progress lines
     device: str = "auto"  # auto: cuda, then mps, then cpu
     dtype: str = "float32"  # float32 | bfloat16 (autocast, CUDA only)
@@ -287,13 +305,22 @@ def main():  # the command line; a batch too big for the memory is a one-line er
 def train(cfg: Config) -> dict:
     device, ckpt = setup(cfg)
     toy = cfg.dataset in TOY_SETS
-    x_train = load_split(cfg.dataset, cfg.data_dir, train=True)[0].to(device)  # all on the device
+    x_train, x_val = hold_out(load_split(cfg.dataset, cfg.data_dir, train=True)[0], cfg)
+    cfg.val_images = len(x_val)  # None resolved, for ckpt.pt and results.json
+    x_train = x_train.to(device)  # all on the device; batches come from x_train only
     x_test = load_split(cfg.dataset, cfg.data_dir, train=False)[0].to(device)
+    x_val = x_val.to(device) if cfg.val_images else x_test  # 0: the curve shows test, no selection
+    split = "val" if cfg.val_images else "test"
     torch.manual_seed(cfg.seed + RANK)  # DDP gives every rank rank 0's initial weights
     model = NICE(cfg, x_test[0].numel()).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), eps=1e-4, fused=True)  # paper: 1 - beta2 = 0.01
+    betas = (0.9, 0.99)  # paper: momentum 0.9, 1 - beta2 = 0.01; and eps 1e-4
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=betas, eps=1e-4, fused=True)
     g = torch.Generator(device).manual_seed(cfg.seed + 1000 * RANK)  # batches and the noise u
     step, curves = 0, {"train": [], "test": []}  # curves: (step, NLL) pairs for loss.png
+    keys = ["test_nll_nats"] if toy else ["test_bpd", "test_loglik_nats", "fid"]  # the FINAL line's
+    if cfg.val_images:  # keys[0]: the eval curve's (loss.png's y label), the one that selects
+        keys.insert(0, keys[0].replace("test", "val"))
+    best = {"step": 0, "val": {keys[0]: math.inf}, "model": None}  # the selected model
     x = x_train[torch.randint(len(x_train), (2000,), device=device, generator=g)]
     std = math.pi / 3 ** 0.5 if cfg.prior == "logistic" else 1.0  # ours: z starts at the prior's std
     model.s.data += torch.log(std / model.forward_flow(to_input(x, cfg, g))[0].detach().std(0))
@@ -301,21 +328,20 @@ def train(cfg: Config) -> dict:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         step, curves = ckpt["step"], ckpt["curves"]
+        best = ckpt["best"]  # the selected model's step, validation NLL and weights
         g.manual_seed(cfg.seed + 1000 * RANK + step)  # the other ranks draw new batches
         if RANK == 0:
             g.set_state(ckpt["rng"])  # rank 0 continues exactly
     fwd = nn.parallel.DistributedDataParallel(model) if WORLD > 1 else model
     fwd = torch.compile(fwd) if cfg.compile else fwd
-    keys = ["test_nll_nats"] if toy else ["test_bpd", "test_loglik_nats", "fid"]  # [0]: the curves'
     t0 = time.perf_counter()
     t_train = 0.0  # seconds in training steps, for img/s
     start = step
     while step < cfg.max_steps and not cfg.eval_only:
         t_step = time.perf_counter()
         x = x_train[torch.randint(len(x_train), (cfg.batch_size,), device=device, generator=g)]
-        if toy:  # the paper keeps the lr constant; on the toy sets it decays to 0 (cosine)
-            for group in opt.param_groups:
-                group["lr"] = cfg.lr * (0.5 + 0.5 * math.cos(math.pi * step / cfg.max_steps))
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(cfg, step)
         with torch.autocast(device.type, torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
             loss, stats = fwd(to_input(x, cfg, g))
         opt.zero_grad()
@@ -333,16 +359,21 @@ def train(cfg: Config) -> dict:
                 f" {'nats' if toy else 'bpd'} | {speed:.0f} img/s | eta {eta:.1f}m")
         if RANK == 0 and (step % cfg.eval_every == 0 or step == cfg.max_steps):
             save_samples(model, x_test, cfg)
-            curves["test"].append((step, evaluate(model, x_test, cfg)[keys[0]]))
-            log(cfg, f"eval step {step} | {keys[0]} {curves['test'][-1][1]:.4f}")
-            save_checkpoint(cfg, step, curves["test"][-1][1], model=model.state_dict(),
+            watched = evaluate(model, x_val, cfg, split)
+            curves["test"].append((step, watched[keys[0]]))
+            log(cfg, f"eval step {step} | {keys[0]} {watched[keys[0]]:.4f}")
+            if watched[keys[0]] < best["val"][keys[0]] or not cfg.val_images:  # 0: the last
+                weights = {k: v.clone() for k, v in model.state_dict().items()}  # on the device
+                best = {"step": step, "val": watched, "model": weights}
+            save_checkpoint(cfg, step, watched[keys[0]], model=model.state_dict(), best=best,
                             optimizer=opt.state_dict(), curves=curves, rng=g.get_state(),
                             train_images_per_s=speed)
     if WORLD > 1:
         torch.distributed.destroy_process_group()
     if RANK != 0:
         return {}
-    res = evaluate(model, x_test, cfg)
+    model.load_state_dict(best["model"])  # the test split scores the selected model only
+    res = best["val"] | evaluate(model, x_test, cfg) | {"selected_step": best["step"]}
     imgs = save_samples(model, x_test, cfg, cfg.fid_samples)
     res |= fid_metrics(imgs, cfg, device) if cfg.fid_samples and not toy else {}
     res |= {"steps": step, "wall_s": time.perf_counter() - t0, "device": str(device)}

@@ -178,7 +178,8 @@ def test_cli_fashion_then_resume_then_eval_only(cli, data_dir, tmp_path, capsys)
             "--hidden", "16", "--batch_size", "32", "--eval_every", "10", "--log_every", "5"]
     r = cli("nice.py", *args, "--max_steps", "10")
     assert r.returncode == 0, r.stderr
-    assert "FINAL nice fashion test_bpd=" in r.stdout.strip().splitlines()[-1]
+    final = r.stdout.strip().splitlines()[-1]
+    assert final.startswith("FINAL nice fashion val_bpd=") and " test_bpd=" in final
     # resume and eval_only through parse_args, in-process (each subprocess costs seconds of importing torch)
     nice.train(nice.parse_args([*args, "--max_steps", "20", "--resume", "true"]))
     out = capsys.readouterr().out
@@ -215,10 +216,79 @@ def test_cli_errors_are_one_line(cli, tmp_path):
     (dict(dataset="moons", lr=-1.0), "--lr must be >= 0"),
     (dict(dataset="moons", resume=True), "no checkpoint"),
     (dict(dataset="moons", device="cuda:99"), "--device cuda:99 is not available"),
+    (dict(dataset="moons", val_images=100_000), "--val_images 100000 must be < the 100000 examples"),
 ])
 def test_bad_config_errors(kw, match, tmp_path):
     with pytest.raises(SystemExit, match=match):
         nice.train(nice.Config(out_dir=str(tmp_path), **kw))
+
+
+def test_the_validation_split_is_a_fixed_draw_disjoint_from_training():
+    x = torch.arange(1000)  # the indices of a training split
+    train, val = nice.hold_out(x, nice.Config(val_images=100, seed=0))
+    assert len(val) == 100 and len(train) == 900
+    assert sorted(torch.cat([train, val]).tolist()) == list(range(1000))  # disjoint, and all of them
+    again, val5 = nice.hold_out(x, nice.Config(val_images=100, seed=5))  # --seed does not move it
+    assert torch.equal(val, val5) and torch.equal(train, again)
+    assert not torch.equal(val, torch.arange(900, 1000))  # a draw, not the last images
+    assert len(nice.hold_out(torch.arange(60_000), nice.Config())[1]) == 10_000  # MNIST: the paper's 10,000
+    assert len(nice.hold_out(torch.arange(512), nice.Config())[1]) == 102  # a small split: a fifth
+    assert len(nice.hold_out(x, nice.Config(val_images=0))[1]) == 0
+
+
+def test_training_batches_never_contain_a_validation_point(tmp_path, monkeypatch):
+    cfg = nice.Config(dataset="moons", out_dir=str(tmp_path), hidden=8, max_steps=20, eval_every=10,
+                      log_every=10)
+    seen = []
+    real = nice.NICE.forward
+    def recording(self, x):  # the training forward only: evaluation calls log_prob
+        seen.append(x.detach().clone())
+        return real(self, x)
+    monkeypatch.setattr(nice.NICE, "forward", recording)
+    res = nice.train(cfg)
+    train, val = nice.hold_out(nice.load_split("moons", "", train=True)[0], cfg)
+    rows = {tuple(p) for p in torch.cat(seen).tolist()}
+    assert len(seen) == 20 and len(rows) > 5000  # 20 batches of 512 points, almost all distinct
+    assert not rows & {tuple(p) for p in val.tolist()}  # 10,000 points: 1,000 would be drawn otherwise
+    assert rows <= {tuple(p) for p in train.tolist()}
+    assert res["config"]["val_images"] == len(val) == 10_000 and math.isfinite(res["val_nll_nats"])
+
+
+def test_the_reported_test_number_is_the_best_validation_model_and_resume_keeps_it(data_dir, tmp_path, monkeypatch):
+    cfg = dict(dataset="mnist", data_dir=str(data_dir), out_dir=str(tmp_path), val_images=64, **TINY)
+    first = nice.train(nice.Config(max_steps=30, **cfg))
+    real = nice.NICE.forward
+    def ascent(self, x):  # the resumed steps climb the NLL (once Adam's momentum has turned round)
+        loss, stats = real(self, x)
+        return -loss, stats
+    monkeypatch.setattr(nice.NICE, "forward", ascent)
+    res = nice.train(nice.Config(max_steps=60, resume=True, **{**cfg, "eval_every": 25}))
+    saved = json.loads((tmp_path / "results.json").read_text())
+    ck = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    curve = dict(ck["curves"]["test"])  # step -> validation bpd (loss.png's "test" curve, y label val_bpd)
+    assert sorted(curve) == [10, 20, 30, 50, 60] and min(curve[50], curve[60]) > min(curve.values())
+    assert saved["selected_step"] == first["selected_step"] == ck["best"]["step"]
+    assert saved["selected_step"] == min(curve, key=curve.get) <= 30  # chosen before the resume
+    assert saved["val_bpd"] == min(curve.values()) and saved["steps"] == 60 and ck["step"] == 60
+    assert saved["test_bpd"] == res["test_bpd"] == first["test_bpd"]  # the same weights, kept by --resume
+    model = nice.NICE(nice.Config(**ck["config"]), 784)
+    x_test = nice.load_split("mnist", str(data_dir), train=False)[0]
+    model.load_state_dict(ck["best"]["model"])
+    assert nice.evaluate(model, x_test, nice.Config(**ck["config"]))["test_bpd"] == saved["test_bpd"]
+    model.load_state_dict(ck["model"])  # the last weights: worse, and not the ones reported
+    assert nice.evaluate(model, x_test, nice.Config(**ck["config"]))["test_bpd"] > saved["test_bpd"]
+
+
+def test_the_learning_rate_follows_the_official_decay():
+    cfg = nice.Config(dataset="mnist")
+    lrs = [nice.learning_rate(cfg, t) for t in (0, 1, 1000, 4606, 4607, 10 ** 7)]
+    assert lrs[0] == 1e-3 and lrs[1] == pytest.approx(1e-3 / 1.0005)  # pylearn2: lr0 / 1.0005^t
+    assert lrs[2] == pytest.approx(1e-3 / 1.0005 ** 1000) and lrs[3] > 1e-4  # 1.0005^4607 > 10 > 1.0005^4606
+    assert lrs[4] == lrs[5] == pytest.approx(1e-4)  # the official floor, min_lr 1e-4
+    assert nice.learning_rate(nice.Config(dataset="mnist", lr_decay=0), 10 ** 5) == 1e-3  # 0: constant
+    toy = nice.Config(dataset="moons")
+    assert nice.learning_rate(toy, 0) == toy.lr  # toy sets: ours, a cosine decay to 0
+    assert nice.learning_rate(toy, toy.max_steps) == pytest.approx(0)
 
 
 def test_odd_dimension_is_an_error():
