@@ -129,6 +129,14 @@ def load_codes(cfg, device):  # vqvae.py's codes.pt, checked, on the device; and
         fail(f"{path} is not a codes file of vqvae.py (labels, codes 0..K-1): {type(e).__name__}")
     if c["dataset"] != cfg.dataset:
         fail(f"{path} holds {c['dataset']} codes but --dataset is {cfg.dataset}")
+    n_val = math.ceil(cfg.val_fraction * len(c["train"]))
+    if not 0 < n_val < len(c["train"]):
+        fail(f"--val_fraction {cfg.val_fraction} must leave both validation and training grids")
+    perm = torch.randperm(len(c["train"]), generator=torch.Generator().manual_seed(0))  # fixed
+    val = perm[:n_val]
+    c |= {"val": c["train"][val], "val_labels": c["train_labels"][val]}
+    kept = [k for k in ("train", "train_labels", "train_flip") if c.get(k) is not None]
+    c |= {k: c[k][perm[n_val:]] for k in kept}  # the rest, with their mirrored images' codes
     ckpt = c["vqvae_ckpt"]
     if not os.path.exists(ckpt):  # a moved folder: the VQ-VAE beside codes.pt
         ckpt = os.path.join(os.path.dirname(path), "ckpt.pt")
@@ -146,14 +154,17 @@ def load_codes(cfg, device):  # vqvae.py's codes.pt, checked, on the device; and
     return c, load_vqvae(ckpt, device)
 
 @torch.inference_mode()
-def evaluate(model, codes):  # over the whole test split: nats (bits) per code, top-1/5/10 accuracy
+def evaluate(model, codes, split, cfg):  # over a whole split: nats (bits) per code, top-1/5/10
     model.eval()
+    x, y = codes[split], codes[f"{split}_labels"]
     res = {}
-    for x, y in zip(codes["test"].split(500), codes["test_labels"].split(500)):
-        for k, v in model(x, y)[1].items():  # batch means, weighted by the batch's size
-            res[f"val_{k}"] = res.get(f"val_{k}", 0.0) + v.item() * len(x) / len(codes["test"])
+    batches = progress(cfg, f"{split} nats/code", list(zip(x.split(500), y.split(500))))
+    with torch.autocast(x.device.type, enabled=False):  # float32, also under --dtype bfloat16
+        for xb, yb in batches:
+            for k, v in model(xb, yb)[1].items():  # batch means, weighted by the batch's size
+                res[f"{split}_{k}"] = res.get(f"{split}_{k}", 0.0) + v.item() * len(xb) / len(x)
     model.train()
-    return res | {"val_bits_per_code": res["val_nats_per_code"] / math.log(2)}
+    return res | {f"{split}_bits_per_code": res[f"{split}_nats_per_code"] / math.log(2)}
 
 @torch.inference_mode()
 def generate(model, vq, n, cfg, seed):  # n decoded samples (uint8, on the CPU), samples per second
@@ -161,10 +172,12 @@ def generate(model, vq, n, cfg, seed):  # n decoded samples (uint8, on the CPU),
     g = torch.Generator(model.wte.weight.device).manual_seed(seed)  # the same samples every time
     t0 = time.perf_counter()
     y = torch.arange(n, device=g.device) * model.n_classes // n  # the classes in equal blocks
-    codes = [model.sample(len(b), g, b, cfg.temperature, cfg.top_k, cfg.top_p) for b in y.split(500)]
-    imgs = torch.cat([(vq.decode_codes(c) * 255).round().byte().cpu() for c in codes])  # uint8
+    imgs = []
+    for b in progress(cfg, f"samples at T={cfg.temperature}", y.split(500)):  # drawn, decoded
+        codes = model.sample(len(b), g, b, cfg.temperature, cfg.top_k, cfg.top_p)
+        imgs.append((vq.decode_codes(codes) * 255).round().byte().cpu())  # uint8
     model.train()
-    return imgs, n / (time.perf_counter() - t0)
+    return torch.cat(imgs), n / (time.perf_counter() - t0)
 
 def save_samples(model, vq, cfg, n=0):  # samples.png (a row per class if conditional); n -> .npz
     rows = model.n_classes or math.isqrt(cfg.n_samples)
@@ -216,7 +229,10 @@ class Config:
     warmup_steps: int = 300  # linear warmup
     weight_decay: float = 0.1  # on matrices and embeddings only
     seed: int = 0
-    eval_every: int = 1000  # steps between validations (whole test split), samples.png, checkpoints
+    # Validation on held-out training grids picks the weights; choosing them by the test split would
+    # tune on the test split, which is then scored once, by the selected weights (results.json)
+    val_fraction: float = 0.05  # of the training grids, held out by a fixed seed: the validation
+    eval_every: int = 1000  # steps between validations, samples.png, checkpoints
     log_every: int = 100  # steps between progress lines
     device: str = "auto"  # auto: cuda, then mps, then cpu
     dtype: str = "float32"  # float32 | bfloat16 (autocast, CUDA only)
@@ -235,7 +251,7 @@ class Config:
 
 CHOICES = {"dataset": ("fashion", "mnist", "cifar10"), "dtype": ("float32", "bfloat16"),
            "arch": ("gpt", "lstm")}
-ARCH = ("arch", "n_layer", "n_head", "n_embd", "conditional")  # fixed by ckpt.pt
+ARCH = ("arch", "n_layer", "n_head", "n_embd", "conditional", "val_fraction")  # fixed by ckpt.pt
 BY_DEVICE = {}  # Config fields left None: (on CUDA, elsewhere)
 
 # -------------------------------------------------------------- scaffolding, the same in every model file
@@ -374,11 +390,13 @@ def train(cfg: Config) -> dict:
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay,
                             fused=True)
     g = torch.Generator(device).manual_seed(cfg.seed + 1000 * RANK)  # batches and flips
-    step, curves = 0, {"train": [], "test": []}  # curves: (step, loss) pairs for loss.png
+    step, curves = 0, {"train": [], "test": []}  # (step, loss) for loss.png; "test": validation
+    best = {"step": 0, "val_nats_per_code": math.inf}  # and "model": the lowest one's weights
     if ckpt:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         step, curves = ckpt["step"], ckpt["curves"]
+        best = ckpt["best"]
         g.manual_seed(cfg.seed + 1000 * RANK + step)  # the other ranks draw new batches
         if RANK == 0:
             g.set_state(ckpt["rng"])  # rank 0 continues exactly
@@ -414,24 +432,32 @@ def train(cfg: Config) -> dict:
                 f" | {speed:.0f} img/s | eta {eta:.1f}m")
         if RANK == 0 and (step % cfg.eval_every == 0 or step == cfg.max_steps):
             save_samples(model, vq, cfg)
-            curves["test"].append((step, evaluate(model, codes)["val_nats_per_code"]))
-            log(cfg, f"eval step {step} | val {curves['test'][-1][1]:.4f} nats/code")
-            save_checkpoint(cfg, step, curves["test"][-1][1], model=model.state_dict(), meta=meta,
+            val = evaluate(model, codes, "val", cfg)["val_nats_per_code"]
+            curves["test"].append((step, val))
+            if val < best["val_nats_per_code"]:  # a copy on the device, and in ckpt.pt
+                weights = {k: v.clone() for k, v in model.state_dict().items()}
+                best = {"step": step, "val_nats_per_code": val, "model": weights}
+            log(cfg, f"eval step {step} | val {val:.4f} nats/code | best: step {best['step']}")
+            save_checkpoint(cfg, step, val, model=model.state_dict(), meta=meta, best=best,
                             optimizer=opt.state_dict(), curves=curves, rng=g.get_state(),
                             train_images_per_s=speed)
     if WORLD > 1:
         torch.distributed.destroy_process_group()
     if RANK != 0:
         return {}
-    res = evaluate(model, codes)
-    res["train_nats_per_code"] = curves["train"][-1][1]  # the last logged step's, dropout on
+    model.load_state_dict(best["model"])  # the lowest validation loss's weights, not the last ones
+    log(cfg, f"selected step {best['step']}: validation {best['val_nats_per_code']:.4f} nats/code")
+    res = evaluate(model, codes, "test", cfg)  # the test split, scored once
+    res |= {"selected_step": best["step"], "val_nats_per_code": best["val_nats_per_code"]}
+    res["train_nats_per_code"] = dict(curves["train"])[best["step"]]  # at that step, dropout on
     imgs, res["sample_images_per_s"] = save_samples(model, vq, cfg, n=cfg.fid_samples)
     res |= fid_metrics(imgs, cfg, device) if cfg.fid_samples else {}
     if cfg.sweep:
         res["sweep"] = sweep(model, vq, cfg, device)
     res |= {"steps": step, "wall_s": time.perf_counter() - t0, "device": str(device)}
     res["train_images_per_s"] = speed if step > start else ckpt["train_images_per_s"]
-    return finish(cfg, res, curves, ["val_nats_per_code", "val_bits_per_code", "val_top1", "fid"])
+    keys = ["test_nats_per_code", "test_bits_per_code", "test_top1", "fid"]
+    return finish(cfg, res, curves, keys)
 
 if __name__ == "__main__":
     main()

@@ -1,5 +1,6 @@
 """Tests of prior_transformer.py: causality, attention-dropout mask, KV cache = recomputation, sampling filters,
-the likelihood against the chain rule, conditioning, the codes-file contract, end to end, resume, bad input."""
+the likelihood against the chain rule, conditioning, the codes-file contract, the validation split held out of
+the training codes, float32 evaluation, end to end (results from the best validation weights), resume, bad input."""
 import hashlib
 import itertools
 import json
@@ -249,23 +250,118 @@ def test_train_end_to_end_in_process(tmp_path, fake_vqvae, arch, conditional):
     for f in ("ckpt.pt", "samples.png", "loss.png", "log.txt", "results.json"):
         assert (out / f).exists(), f
     saved = json.loads((out / "results.json").read_text())
-    for key in ("val_nats_per_code", "val_bits_per_code", "val_top1", "val_top5", "val_top10", "train_nats_per_code",
-                "train_images_per_s", "steps", "wall_s", "device", "config"):
+    for key in ("test_nats_per_code", "test_bits_per_code", "test_top1", "test_top5", "test_top10",
+                "selected_step", "val_nats_per_code", "train_nats_per_code", "train_images_per_s", "steps", "wall_s",
+                "device", "config"):
         assert key in saved, key
-    assert saved["steps"] == 60 and math.isfinite(saved["val_nats_per_code"])
-    assert math.isclose(saved["val_bits_per_code"], saved["val_nats_per_code"] / math.log(2))
-    assert saved["val_nats_per_code"] < math.log(K) - 0.5  # learned something beyond uniform over K codes
-    assert 0 <= saved["val_top1"] <= saved["val_top5"] <= saved["val_top10"] <= 1
-    assert res["val_nats_per_code"] == saved["val_nats_per_code"]
+    assert saved["steps"] == 60 and math.isfinite(saved["test_nats_per_code"])
+    assert math.isclose(saved["test_bits_per_code"], saved["test_nats_per_code"] / math.log(2))
+    assert saved["test_nats_per_code"] < math.log(K) - 0.5  # learned something beyond uniform over K codes
+    assert 0 <= saved["test_top1"] <= saved["test_top5"] <= saved["test_top10"] <= 1
+    assert res["test_nats_per_code"] == saved["test_nats_per_code"]
     assert (out / "log.txt").read_text().strip().splitlines()[-1].startswith("FINAL prior_transformer mnist")
-    # the checkpoint rebuilds the model with no command line, and evaluates to the same numbers
+    # the selected step is the argmin of the validation curve, and its loss the reported one
     ck = torch.load(out / "ckpt.pt", weights_only=True)
+    steps, vals = zip(*ck["curves"]["test"])
+    assert steps == (15, 30, 45, 60) and saved["selected_step"] == steps[vals.index(min(vals))] == ck["best"]["step"]
+    assert saved["val_nats_per_code"] == min(vals) == ck["best"]["val_nats_per_code"]
+    assert saved["train_nats_per_code"] == dict(ck["curves"]["train"])[saved["selected_step"]]
+    # the checkpoint rebuilds the model with no command line; its best weights give the reported numbers exactly
     cfg = pt.Config(**ck["config"])
     model = pt.Prior(cfg, ck["meta"]["codebook_size"], ck["meta"]["grid"], 10 if cfg.conditional else 0)
+    model.load_state_dict(ck["best"]["model"])
+    reported = {k: v for k, v in saved.items() if k.startswith("test_")}
+    assert pt.evaluate(model, the_test_split(codes), "test", cfg) == reported
+
+
+def the_test_split(codes_path):
+    c = torch.load(codes_path, weights_only=True)
+    return {"test": c["test"].long(), "test_labels": c["test_labels"].long()}
+
+
+def test_results_come_from_the_best_validation_weights_also_after_resume(tmp_path, fake_vqvae, monkeypatch):
+    """15 good steps; then, resumed, 30 steps on noise codes: the validation loss rises, so the weights of
+    step 15 (kept in ckpt.pt across the resume) give the reported numbers, not the worse last ones."""
+    codes = write_codes(tmp_path)
+    pt.train(run_cfg(tmp_path, codes, max_steps=15))
+    forward = pt.Prior.forward
+    noise = lambda self, x, y=None: forward(self, torch.randint_like(x, K) if self.training else x, y)
+    monkeypatch.setattr(pt.Prior, "forward", noise)
+    res = pt.train(run_cfg(tmp_path, codes, max_steps=45, resume=True))
+    ck = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    steps, vals = zip(*ck["curves"]["test"])
+    assert steps == (15, 30, 45) and vals[0] < min(vals[1:])  # the forced situation: the last is worse
+    assert res["selected_step"] == 15 and res["val_nats_per_code"] == vals[0] and ck["step"] == 45
+    monkeypatch.setattr(pt.Prior, "forward", forward)
+    model = pt.Prior(tiny(), K, GRID)
     model.load_state_dict(ck["model"])
-    c = torch.load(codes, weights_only=True)
-    ev = pt.evaluate(model, {"test": c["test"].long(), "test_labels": c["test_labels"]})
-    assert math.isclose(ev["val_nats_per_code"], saved["val_nats_per_code"], rel_tol=1e-5)
+    last = pt.evaluate(model, the_test_split(codes), "test", tiny())
+    model.load_state_dict(ck["best"]["model"])
+    best = pt.evaluate(model, the_test_split(codes), "test", tiny())
+    assert res["test_nats_per_code"] == best["test_nats_per_code"] < last["test_nats_per_code"] - 0.1
+    assert "selected step 15: validation" in (tmp_path / "out" / "log.txt").read_text()
+    again = pt.train(run_cfg(tmp_path, codes, eval_only=True))  # --eval_only reports the same selection
+    assert again["selected_step"] == 15 and again["test_nats_per_code"] == res["test_nats_per_code"]
+
+
+def test_validation_is_held_out_of_the_training_codes(tmp_path, fake_vqvae, monkeypatch):
+    """A fixed split of the training grids (whatever --seed), with their labels and mirrored codes; the
+    training batches never hold a validation grid."""
+    ids = torch.arange(256)  # train grid i starts with the codes (i // K, i % K): unique, recognizable
+    train = torch.randint(K, (256, *GRID), generator=torch.Generator().manual_seed(1))
+    train[:, 0, 0], train[:, 0, 1] = ids // K, ids % K
+    codes = write_codes(tmp_path, train=train.short(), train_labels=ids % 10, train_flip=(train.short() + 1) % K)
+    c, _ = pt.load_codes(run_cfg(tmp_path, codes), "cpu")
+    other, _ = pt.load_codes(run_cfg(tmp_path, codes, seed=5), "cpu")
+    assert torch.equal(c["val"], other["val"]) and torch.equal(c["train"], other["train"])
+    ident = lambda x: (x[:, 0, 0] * K + x[:, 0, 1]).tolist()
+    val, tr = ident(c["val"]), ident(c["train"])
+    assert len(val) == math.ceil(0.05 * 256) and len(tr) == 256 - len(val)
+    assert sorted(val + tr) == list(range(256))  # disjoint, and together all of the training grids
+    assert c["val_labels"].tolist() == [i % 10 for i in val] and c["train_labels"].tolist() == [i % 10 for i in tr]
+    assert torch.equal(c["train_flip"], (c["train"] + 1) % K)  # the mirrored codes follow their grids
+    seen, forward = set(), pt.Prior.forward
+
+    def recording(self, x, y=None):
+        if self.training:
+            seen.update(ident(x))
+        return forward(self, x, y)
+
+    monkeypatch.setattr(pt.Prior, "forward", recording)
+    pt.train(run_cfg(tmp_path, codes, flip=False, max_steps=20))
+    assert len(seen) > 200 and not seen & set(val)
+
+
+def test_evaluation_is_float32_under_autocast():
+    """evaluate() switches autocast off: under bfloat16 autocast it returns the float32 numbers exactly, though
+    the model itself gives other numbers under autocast."""
+    model = make_model()
+    x = torch.randint(K, (600, *GRID), generator=torch.Generator().manual_seed(0))
+    codes = {"val": x, "val_labels": torch.zeros(600, dtype=torch.long)}
+    with torch.autocast("cpu", torch.bfloat16):
+        got = pt.evaluate(model, codes, "val", tiny())
+        with torch.inference_mode():
+            in_bf16 = [model.eval()(xb)[1]["nats_per_code"].item() for xb in x.split(500)]
+    with torch.inference_mode():
+        in_fp32 = [model(xb)[1]["nats_per_code"].item() for xb in x.split(500)]
+    assert got == pt.evaluate(model, codes, "val", tiny())
+    assert set(got) == {"val_nats_per_code", "val_bits_per_code", "val_top1", "val_top5", "val_top10"}
+    assert math.isclose(got["val_nats_per_code"], (500 * in_fp32[0] + 100 * in_fp32[1]) / 600, rel_tol=1e-9)
+    assert abs(in_bf16[0] - in_fp32[0]) > 1e-6  # bfloat16 numbers, which the test could tell apart
+
+
+def test_long_phases_print_progress_with_an_eta(tmp_path, monkeypatch):
+    """evaluate() and generate() go through progress(): with a clock that moves 20 s per reading they log ETAs."""
+    clock = itertools.count(0, 20)
+    monkeypatch.setattr(pt.time, "perf_counter", lambda: next(clock))
+    cfg = tiny(out_dir=str(tmp_path))
+    model = make_model()
+    pt.evaluate(model, {"test": torch.randint(K, (1200, *GRID)), "test_labels": torch.zeros(1200).long()}, "test", cfg)
+    as_image = types.SimpleNamespace(decode_codes=lambda c: c[:, None] / 255)
+    pt.generate(model, as_image, 1001, cfg, seed=0)
+    log = (tmp_path / "log.txt").read_text()
+    assert "test nats/code 1/3 | eta" in log and "test nats/code 2/3 | eta" in log
+    assert "samples at T=1.0 1/3 | eta" in log
 
 
 def test_flip_codes_are_used(tmp_path, fake_vqvae):
@@ -275,7 +371,7 @@ def test_flip_codes_are_used(tmp_path, fake_vqvae):
     codes = write_codes(tmp_path, dataset="fashion", train_flip=flipped, test=torch.zeros_like(c["test"]))
     on = pt.train(run_cfg(tmp_path, codes, dataset="fashion", flip=True, out_dir=str(tmp_path / "on")))
     off = pt.train(run_cfg(tmp_path, codes, dataset="fashion", flip=False, out_dir=str(tmp_path / "off")))
-    assert on["val_nats_per_code"] < off["val_nats_per_code"] - 0.5
+    assert on["test_nats_per_code"] < off["test_nats_per_code"] - 0.5
 
 
 def test_fid_and_sweep_in_process(tmp_path, fake_vqvae, data_dir):
@@ -300,7 +396,7 @@ def test_broken_metrics_do_not_lose_the_run(tmp_path, fake_vqvae, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "metrics", types.SimpleNamespace(evaluate=evaluate))
     res = pt.train(run_cfg(tmp_path, write_codes(tmp_path), fid_samples=20))
-    assert res.get("fid") is None and res["sample_images_per_s"] > 0 and math.isfinite(res["val_nats_per_code"])
+    assert res.get("fid") is None and res["sample_images_per_s"] > 0 and math.isfinite(res["test_nats_per_code"])
     assert (tmp_path / "out" / "samples.npz").exists() and (tmp_path / "out" / "results.json").exists()
     assert "metrics failed, fid left empty: RuntimeError: feature net mismatch" in (tmp_path / "out" / "log.txt").read_text()
 
@@ -314,7 +410,7 @@ def test_resume_and_eval_only(tmp_path, fake_vqvae):
     assert "at step 20" in log and "step 30/40" in log and "step 10/40" not in log
     # eval_only rebuilds from the checkpoint's config, whatever the command line says about the architecture
     again = pt.train(run_cfg(tmp_path, codes, eval_only=True, n_layer=5, n_embd=64))
-    assert math.isclose(again["val_nats_per_code"], res["val_nats_per_code"], rel_tol=1e-5) and again["steps"] == 40
+    assert again["test_nats_per_code"] == res["test_nats_per_code"] and again["steps"] == 40
     # another architecture on the command line: the checkpoint's wins, and the log says so
     res = pt.train(run_cfg(tmp_path, codes, max_steps=50, resume=True, n_embd=64, n_layer=5))
     assert res["steps"] == 50 and res["config"]["n_embd"] == 32 and res["config"]["n_layer"] == 2
@@ -343,7 +439,8 @@ def test_bad_input(tmp_path, fake_vqvae):
                       ({"sweep": True, "sweep_top_k": (0, 99)}, "top_k"),
                       ({"n_embd": 30, "n_head": 4}, "multiple"), ({"codes": str(tmp_path / "none.pt")}, "run `python vqvae.py --dataset mnist --data_dir "),
                       ({"dataset": "fashion"}, "holds mnist codes"), ({"resume": True}, "no checkpoint"),
-                      ({"eval_only": True}, "no checkpoint"), ({"dtype": "bfloat16"}, "CUDA")]:
+                      ({"eval_only": True}, "no checkpoint"), ({"dtype": "bfloat16"}, "CUDA"),
+                      ({"val_fraction": 0.0}, "val_fraction 0.0 must leave"), ({"val_fraction": 1.0}, "val_fraction")]:
         with pytest.raises(SystemExit, match=match):
             pt.train(run_cfg(tmp_path, **{"codes": codes, **kw}))
     (tmp_path / "junk.pt").write_bytes(b"not a torch file")
@@ -415,7 +512,7 @@ def test_end_to_end_with_vqvae_cli(cli, data_dir, tmp_path):
     r = cli("prior_transformer.py", *args, "--fid_samples", "0")
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((out / "results.json").read_text())
-    assert math.isfinite(res["val_nats_per_code"]) and res["steps"] == 20
+    assert math.isfinite(res["test_nats_per_code"]) and res["steps"] == 20
     assert (out / "samples.png").exists() and "FINAL prior_transformer mnist" in r.stdout
     # the real vqvae.py's fingerprint: a VQ-VAE checkpoint changed after the codes were written is refused
     ck = torch.load(vq_out / "codes.pt", weights_only=True)["vqvae_ckpt"]
