@@ -2,11 +2,13 @@
 raster order, R -> G -> B in a pixel, by masked convolutions (type A hides the value itself), so
 test_bpd is exact. --arch gated: vertical and horizontal stacks, tanh * sigmoid gates, no blind
 spot; --arch pixelcnn: the original, blind spot included. Per channel a softmax over --levels values
-or --output logistic_mix (PixelCNN++, Salimans et al. 2017); --conditional: a class bias per layer.
+or --output logistic_mix (PixelCNN++, Salimans et al. 2017); --conditional: a class bias per layer;
+--binarize: binarized MNIST (2 levels, nats/image). Evaluated and sampled with Polyak-averaged weights.
 Deviations: a mixture per channel, no PixelCNN++ channel coupling; small nets; no data augmentation.
-    python pixelcnn.py --dataset mnist [--levels 4]
+    python pixelcnn.py --dataset mnist [--levels 4 | --binarize]
 """
 import argparse
+import copy
 import dataclasses
 import inspect
 import json
@@ -177,21 +179,31 @@ def load_split(dataset, data_dir, train):  # the split as one uint8 tensor [N, C
     x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)  # MNIST [N, H, W]; CIFAR [N, H, W, C]
     return x.contiguous(), torch.as_tensor(ds.targets)
 
+def binarize(x, generator):  # uint8 images -> 0 or 255, with P(255) = pixel / 255 (binarized MNIST)
+    u = torch.rand(x.shape, device=x.device, generator=generator)
+    return (u < x / 255).to(torch.uint8) * 255
+
 @torch.inference_mode()
 def evaluate(model, x_test, y_test, cfg):  # the exact test bits/dim, and samples.png
-    batches = zip(x_test.split(128), y_test.split(128))  # small: the logits stay in the cache
-    bits = sum(model(x, y)[0].item() * len(x) for x, y in batches)
+    n = cfg.test_images or len(x_test)  # the first n test images; 0: all of them
+    batches = progress(cfg, "test bits/dim", list(zip(x_test[:n].split(128), y_test[:n].split(128))))
+    bits = sum(model(x, y)[0].item() * len(x) for x, y in batches)  # small: the logits stay in cache
     imgs, rate = draw(model, cfg.n_samples, cfg, cfg.seed)
     nrow = 10 if cfg.conditional else 8  # conditional: a column per class
     torchvision.utils.save_image(imgs / 255, f"{cfg.out_dir}/samples.png", nrow=nrow)
     kind = "exact" if cfg.levels == 256 else f"exact, quantized to {cfg.levels} levels"
     kind += ", conditional on the true class" if cfg.conditional else ""
-    return {"test_bpd": bits / len(x_test), "test_bpd_kind": kind, "sample_images_per_s": rate}
+    kind += f", the first {n} test images" if n < len(x_test) else ""
+    nats = bits / n * x_test[0].numel() * math.log(2)  # -log p(x) per image, as binarized MNIST's papers
+    return {"test_bpd": bits / n, "test_nats": nats, "test_bpd_kind": kind, "test_images": n,
+            "sample_images_per_s": rate}
 
 def draw(model, n, cfg, seed):  # n uint8 samples [n, C, H, W] -> samples.npz; and images/s
     g = torch.Generator(model.head[-1].weight.device).manual_seed(seed)  # training's untouched
     t0 = time.perf_counter()
-    imgs = torch.cat([model.sample(min(500, n - i), g) for i in range(0, n, 500)]).cpu()
+    chunk = 500 if g.device.type == "cuda" else 50  # a progress line per chunk on a slow device
+    starts = progress(cfg, f"{n} samples", range(0, n, chunk))
+    imgs = torch.cat([model.sample(min(chunk, n - i), g) for i in starts]).cpu()
     np.savez_compressed(f"{cfg.out_dir}/samples.npz", images=imgs.numpy())
     return imgs, n / (time.perf_counter() - t0)
 
@@ -203,6 +215,7 @@ class Config:
     arch: str = "gated"  # gated (vertical and horizontal stacks) | pixelcnn (the original)
     output: str = "softmax"  # softmax over --levels values per channel | logistic_mix (levels 256)
     levels: int = 256  # intensity levels per channel, 2..256: x -> x * levels // 256
+    binarize: bool = False  # x ~ Bernoulli(pixel / 255), fresh each batch, test split once; sets levels 2
     n_mix: int = 5  # logistic mixture components (logistic_mix)
     conditional: bool = False  # a learned class bias in every layer; samples.png: class by column
     hidden: int = 96  # channels p of each stack (on cifar10 a multiple of 3: the R/G/B groups)
@@ -211,6 +224,7 @@ class Config:
     max_steps: int = 20000  # optimizer steps
     batch_size: int = 64  # images per step (per process under torchrun)
     lr: float = 1e-3  # Adam, after a warmup of min(200, max_steps / 10) steps; cosine to lr / 10
+    ema: float = 0.9995  # Polyak averaging: the decay of the weights' average that is evaluated; 0: off
     seed: int = 0
     eval_every: int = 2000  # steps between exact test bits/dim, pictures and checkpoints
     log_every: int = 100  # steps between progress lines
@@ -220,15 +234,19 @@ class Config:
     resume: bool = False  # continue from <out_dir>/ckpt.pt
     eval_only: bool = False  # load <out_dir>/ckpt.pt, evaluate and sample, no training
     n_samples: int = 64  # images in samples.png
-    fid_samples: int = 2000  # samples for FID / precision / recall; 0 skips them
+    test_images: int = None  # the first N test images for test_bpd; 0: all
+    fid_samples: int = None  # samples for FID / precision / recall; 0 skips them
 
 DATASETS = {"fashion": "FashionMNIST", "mnist": "MNIST", "cifar10": "CIFAR10"}
 CHOICES = {"dataset": tuple(DATASETS), "dtype": ("float32", "bfloat16"),
            "arch": ("gated", "pixelcnn"), "output": ("softmax", "logistic_mix")}
-ARCH = ("dataset", "arch", "output", "levels", "n_mix", "conditional", "hidden", "n_layers", "kernel")
-BY_DEVICE = {}  # Config fields left None: (on CUDA, elsewhere)
+ARCH = ("dataset", "arch", "output", "levels", "binarize", "n_mix", "conditional", "hidden",
+        "n_layers", "kernel")
+BY_DEVICE = {"test_images": (0, 1000), "fid_samples": (2000, 200)}  # Config fields left None: (on CUDA, elsewhere)
 
 def check(cfg):  # what setup's generic checks cannot know: each would give wrong numbers
+    if cfg.binarize:
+        cfg.levels = 2  # black or white: a Bernoulli per pixel, as a 2-way softmax
     if not 2 <= cfg.levels <= 256 or (cfg.output == "logistic_mix" and cfg.levels != 256):
         fail(f"--levels must be in 2..256, and 256 for --output logistic_mix; got {cfg.levels}")
     if cfg.dataset == "cifar10" and cfg.hidden % 3:
@@ -362,13 +380,18 @@ def train(cfg: Config) -> dict:
     check(cfg)
     x_train, y_train = (t.to(device) for t in load_split(cfg.dataset, cfg.data_dir, train=True))
     x_test, y_test = (t.to(device) for t in load_split(cfg.dataset, cfg.data_dir, train=False))
+    if cfg.binarize:  # the test split binarized once, with a fixed seed: the same in every run
+        x_test = binarize(x_test, torch.Generator(device).manual_seed(0))
     torch.manual_seed(cfg.seed + RANK)  # DDP gives every rank rank 0's initial weights
     model = Model(cfg, x_train.shape[1:]).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)  # the Polyak average (both official codes)
+    params, ema_params = list(model.parameters()), list(ema.parameters())
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)
     g = torch.Generator(device).manual_seed(cfg.seed + 1000 * RANK)  # the batches
     step, curves = 0, {"train": [], "test": []}  # curves: (step, bits/dim) pairs for loss.png
     if ckpt:
         model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt.get("ema", ckpt["model"]))  # older files: the average starts anew
         opt.load_state_dict(ckpt["optimizer"])
         step, curves = ckpt["step"], ckpt["curves"]
         g.manual_seed(cfg.seed + 1000 * RANK + step)  # the other ranks draw new batches
@@ -387,12 +410,16 @@ def train(cfg: Config) -> dict:
         warmup = min(1, (step + 1) / min(200, max(1, cfg.max_steps // 10)))  # linear
         decay = 0.55 + 0.45 * math.cos(math.pi * step / cfg.max_steps)  # cosine from 1 to 0.1
         opt.param_groups[0]["lr"] = cfg.lr * warmup * decay
+        x = binarize(x_train[idx], g) if cfg.binarize else x_train[idx]  # dynamic binarization
         with torch.autocast(device.type, torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
-            loss, _ = fwd(x_train[idx], y_train[idx])  # bits/dim; labels matter if conditional
+            loss, _ = fwd(x, y_train[idx])  # bits/dim; labels matter if conditional
         opt.zero_grad()
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        decay = min(cfg.ema, (1 + step) / (10 + step))  # a short run averages over fewer steps
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, params, 1 - decay)  # ema += (1 - decay) (w - ema)
         step += 1
         t_train += time.perf_counter() - t_step
         if step % cfg.log_every == 0 or step % cfg.eval_every == 0 or step == cfg.max_steps:
@@ -403,19 +430,19 @@ def train(cfg: Config) -> dict:
             log(cfg, f"step {step}/{cfg.max_steps} | loss {loss.item():.4f} bits/dim"
                 f" | {speed:.0f} img/s | eta {eta:.1f}m")
         if RANK == 0 and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-            res = evaluate(model, x_test, y_test, cfg)  # and samples.png
+            res = evaluate(ema, x_test, y_test, cfg)  # and samples.png
             curves["test"].append((step, res["test_bpd"]))
-            log(cfg, f"eval step {step} | test {res['test_bpd']:.4f} bits/dim")
+            log(cfg, f"eval step {step} | test {res['test_bpd']:.4f} bits/dim (ema)")
             save_checkpoint(cfg, step, curves["test"][-1][1], worst, model=model.state_dict(),
-                            optimizer=opt.state_dict(), curves=curves, rng=g.get_state(),
-                            train_images_per_s=speed)
+                            ema=ema.state_dict(), optimizer=opt.state_dict(), curves=curves,
+                            rng=g.get_state(), train_images_per_s=speed)
     if WORLD > 1:
         torch.distributed.destroy_process_group()
     if RANK != 0:
         return {}
-    res = res or evaluate(model, x_test, y_test, cfg)  # --eval_only: not evaluated yet
+    res = res or evaluate(ema, x_test, y_test, cfg)  # --eval_only: not evaluated yet
     if cfg.fid_samples:
-        imgs, res["sample_images_per_s"] = draw(model, cfg.fid_samples, cfg, cfg.seed + 2)
+        imgs, res["sample_images_per_s"] = draw(ema, cfg.fid_samples, cfg, cfg.seed + 2)
         res |= fid_metrics(imgs, cfg, device)
     res |= {"steps": step, "wall_s": time.perf_counter() - t0, "device": str(device)}
     res["train_images_per_s"] = speed if step > start else ckpt["train_images_per_s"]

@@ -325,3 +325,69 @@ def test_metrics_end_to_end(data_dir, tmp_path):
                                 data_dir=str(data_dir), out_dir=str(tmp_path), levels=4))
     assert all(math.isfinite(res[k]) for k in ("fid", "precision", "recall"))
     assert np.load(tmp_path / "samples.npz")["images"].shape == (20, 1, 28, 28)
+
+
+def test_binarize_draws_bernoulli_of_the_intensity():
+    x = torch.tensor([0, 64, 128, 255], dtype=torch.uint8).repeat(20000, 1)
+    b = pixelcnn.binarize(x, torch.Generator().manual_seed(0))
+    assert b.dtype == torch.uint8 and set(b.unique().tolist()) <= {0, 255}
+    assert torch.allclose(b.float().mean(0) / 255, x[0] / 255, atol=0.01)  # P(white) = pixel / 255
+    assert not torch.equal(b, pixelcnn.binarize(x, torch.Generator().manual_seed(1)))  # fresh draws
+
+
+def test_cli_binarize(cli, data_dir, tmp_path):
+    args = [f"--{k}={v}" for k, v in TINY.items()]
+    r = cli("pixelcnn.py", *args, "--dataset", "mnist", "--data_dir", data_dir, "--out_dir", tmp_path,
+            "--binarize", "--n_layers", "1", "--hidden", "4", "--test_images", "7")
+    assert r.returncode == 0, r.stderr
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["config"]["levels"] == 2 and saved["config"]["binarize"] is True
+    assert saved["test_images"] == 7 and saved["test_bpd_kind"].endswith("the first 7 test images")
+    assert saved["test_nats"] == pytest.approx(saved["test_bpd"] * 784 * math.log(2))
+    assert 0 < saved["test_bpd"] < 2  # a uniform 2-level model has 1 bit/dim; the images are mostly black
+    assert set(np.unique(np.load(tmp_path / "samples.npz")["images"])) <= {0, 255}
+
+
+def test_binarized_test_split_is_fixed(data_dir, tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(pixelcnn, "evaluate", lambda model, x, y, cfg: seen.append(x.clone()) or {"test_bpd": 1.0})
+    base = dict(TINY, dataset="mnist", data_dir=str(data_dir), binarize=True)
+    pixelcnn.train(Config(**base, out_dir=str(tmp_path / "a"), seed=0))
+    pixelcnn.train(Config(**base, out_dir=str(tmp_path / "b"), seed=5))
+    assert torch.equal(seen[0], seen[1]) and set(seen[0].unique().tolist()) <= {0, 255}
+
+
+def test_evaluation_uses_the_ema_weights_which_survive_resume(data_dir, tmp_path, monkeypatch):
+    base = dict(TINY, dataset="mnist", data_dir=str(data_dir), levels=4, lr=1e-2, ema=0.9, n_samples=1,
+                eval_every=2, test_images=16)
+    del base["max_steps"]
+    res = pixelcnn.train(Config(**base, out_dir=str(tmp_path / "a"), max_steps=4))
+    ckpt = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
+    cfg = Config(**base, out_dir=str(tmp_path / "a"))
+    x, y = pixelcnn.load_split("mnist", str(data_dir), train=False)
+    scores = {}
+    for key in ("ema", "model"):
+        model = Model(cfg, (1, 28, 28))
+        model.load_state_dict(ckpt[key])
+        scores[key] = pixelcnn.evaluate(model, x, y, cfg)["test_bpd"]
+    assert res["test_bpd"] == pytest.approx(scores["ema"], rel=1e-6)
+    assert abs(scores["ema"] - scores["model"]) > 1e-4  # the average is not the last weights
+    evaluate, calls = pixelcnn.evaluate, []
+    def killed_at_the_second_evaluation(*args):  # step 4: ckpt.pt still holds step 2
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return evaluate(*args)
+    monkeypatch.setattr(pixelcnn, "evaluate", killed_at_the_second_evaluation)
+    with pytest.raises(KeyboardInterrupt):
+        pixelcnn.train(Config(**base, out_dir=str(tmp_path / "b"), max_steps=4))
+    monkeypatch.setattr(pixelcnn, "evaluate", evaluate)
+    pixelcnn.train(Config(**base, out_dir=str(tmp_path / "b"), max_steps=4, resume=True))
+    resumed = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["ema"]
+    assert all(torch.allclose(resumed[k], ckpt["ema"][k], atol=1e-6) for k in resumed)
+
+
+def test_ema_zero_evaluates_the_last_weights(data_dir, tmp_path):
+    pixelcnn.train(Config(**TINY, dataset="mnist", data_dir=str(data_dir), out_dir=str(tmp_path), levels=4, ema=0.0))
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert all(torch.equal(ckpt["ema"][k], ckpt["model"][k]) for k in ckpt["model"])
