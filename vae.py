@@ -108,7 +108,7 @@ def evaluate(model, x_test, cfg, iwae_k=0):  # test -ELBO terms (beta = 1), acti
     g = torch.Generator(x_test.device).manual_seed(cfg.seed + 1)
     rec = kl = 0.0
     mus = []
-    for xb in x_test.split(500):
+    for xb in progress(cfg, "test ELBO", x_test.split(500)):
         x = to_input(xb, cfg, g)
         stats = model(x, g)[1]
         rec += stats["rec"].item() * len(x) / len(x_test)
@@ -120,7 +120,8 @@ def evaluate(model, x_test, cfg, iwae_k=0):  # test -ELBO terms (beta = 1), acti
     if iwae_k > 0:  # -log p(x) ~ -log (1/K) sum_k w_k (Burda et al. 2016, eq. 8)
         xs = x_test[: cfg.iwae_images or len(x_test)]
         nll = 0.0
-        for xb in xs.split(max(1, 4096 // iwae_k)):  # about 4096 decoder passes at a time
+        batches = xs.split(max(1, 4096 // iwae_k))  # about 4096 decoder passes at a time
+        for xb in progress(cfg, f"IWAE-{iwae_k}", batches):
             x = to_input(xb, cfg, g)
             eps = torch.randn(iwae_k, len(x), cfg.latent_dim, device=x.device, generator=g)
             log_px = torch.logsumexp(model.log_weights(x, eps), 0) - math.log(iwae_k)
@@ -303,6 +304,8 @@ def train(cfg: Config) -> dict:
     device, ckpt = setup(cfg)
     x_train = load_split(cfg.dataset, cfg.data_dir, train=True)[0].to(device)  # all on the device
     x_test = load_split(cfg.dataset, cfg.data_dir, train=False)[0].to(device)
+    if cfg.binarize:  # the test split binarized once, with a fixed seed: the same in every run
+        x_test = (to_input(x_test, cfg, torch.Generator(device).manual_seed(0)) * 255).byte()
     torch.manual_seed(cfg.seed + RANK)  # DDP gives every rank rank 0's initial weights
     model = VAE(cfg, *x_train.shape[1:3]).to(device)  # channels, size
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)

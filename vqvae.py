@@ -119,7 +119,8 @@ def load_split(dataset, data_dir, train):  # the split as one uint8 tensor [N, C
 @torch.inference_mode()
 def evaluate(model, x_test, cfg, n=0):  # the whole split; recon.png, samples_independent.png, npz
     n = min(n, len(x_test))  # FID images: as many reconstructions as there are test images
-    codes = model.encode_codes(x_test)  # [N, 8, 8]
+    batches = progress(cfg, "test reconstructions", x_test.split(2000))
+    codes = torch.cat([model.encode_codes(xb) for xb in batches])  # [N, 8, 8]
     recon = model.decode_codes(codes)  # [N, C, h, w] in [0, 1]
     mse = F.mse_loss(recon, x_test / 255).item()
     p = torch.bincount(codes.flatten(), minlength=cfg.codebook_size) / codes.numel()  # code usage
@@ -136,7 +137,9 @@ def evaluate(model, x_test, cfg, n=0):  # the whole split; recon.png, samples_in
 def write_codes(model, cfg, x_train, x_test):  # codes.pt, what prior_transformer.py learns from
     small = torch.int16 if cfg.codebook_size <= 32767 else torch.int32
     def encode(x):  # uint8 [N, C, H, W] -> int16 codes [N, 8, 8] (int32 if K > 32767)
-        return model.encode_codes(x).to("cpu", small)
+        batches = progress(cfg, f"codes of {len(x)} images", x.split(5000))
+        codes = [model.encode_codes(xb) for xb in batches]
+        return torch.cat(codes).to("cpu", small)
     ckpt = f"{cfg.out_dir}/ckpt.pt"
     codes = {"format": "vqvae-codes-v1", "dataset": cfg.dataset, "codebook_size": cfg.codebook_size,
              "grid": [8, 8], "train": encode(x_train), "test": encode(x_test),

@@ -227,3 +227,18 @@ def test_metrics_failure_keeps_the_results(data_dir, tmp_path, monkeypatch):
     assert "fid" not in res and math.isfinite(res["test_elbo_nats"])
     assert os.path.exists(os.path.join(tmp_path, "run", "results.json"))
     assert "metrics failed, fid left empty: RuntimeError: yardstick broke" in open(tmp_path / "run" / "log.txt").read()
+
+
+def test_binarized_test_split_is_drawn_once_and_is_the_same_in_every_run(data_dir, tmp_path, monkeypatch):
+    seen = []
+    def record(model, x_test, cfg, iwae_k=0):
+        seen.append(x_test.clone())
+        return {"test_elbo_nats": 1.0}
+    monkeypatch.setattr(vae, "evaluate", record)
+    monkeypatch.setattr(vae, "save_samples", lambda *a, **k: (torch.zeros(0, 1, 28, 28, dtype=torch.uint8), 1.0))
+    for seed in (0, 3):
+        vae.train(tiny(data_dir, tmp_path / str(seed), likelihood="bernoulli", binarize=True, seed=seed))
+    assert all(torch.equal(seen[0], x) for x in seen) and set(seen[0].unique().tolist()) == {0, 255}
+    x = seen[0][:64]  # to_input keeps binary images as they are: ELBO and IWAE see the same images
+    g = torch.Generator().manual_seed(1)
+    assert torch.equal(vae.to_input(x, tiny(data_dir, tmp_path, binarize=True), g), x / 255)
