@@ -315,6 +315,8 @@ def setup(cfg):  # check cfg, pick the device (join torchrun's group), make out_
         fail(f"{path} is not a checkpoint these files wrote ({type(e).__name__})")
     if (script, dataset) != (NAME, cfg.dataset):  # never evaluate another model or dataset silently
         fail(f"{path} is {script}'s checkpoint of {dataset}, not {NAME}'s of {cfg.dataset}")
+    if any(k not in ckpt["config"] for k in ARCH):  # an older version of this file wrote it
+        fail(f"{path} lacks settings that this {NAME} needs; train anew")
     arch = {k: ckpt["config"][k] for k in ARCH}
     log(cfg, f"loaded {path} at step {ckpt['step']}; its architecture: {arch}")
     vars(cfg).update(arch)  # the checkpoint's architecture replaces the command line's

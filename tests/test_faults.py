@@ -215,6 +215,16 @@ def test_unwritable_out_dir_other_dataset_and_bad_numbers_are_one_line(script, d
             mod.train(mod.parse_args([*argv, "--dataset", other, "--eval_only"]))
     res = mod.train(mod.parse_args([*argv, "--resume", "--eval_only"]))  # eval_only wins: no training
     assert res["steps"] == 4
+    path = tmp_path / "run" / "ckpt.pt"  # as an older version of the file wrote it
+    ckpt = torch.load(path, weights_only=True)
+    if "best" in ckpt:  # nice, prior: the model selection came later
+        torch.save({k: v for k, v in ckpt.items() if k != "best"}, path)
+        with pytest.raises(SystemExit, match="holds no selected model \\(older code\\); train anew"):
+            mod.train(mod.parse_args([*argv, "--resume"]))
+    del ckpt["config"][mod.ARCH[-1]]
+    torch.save(ckpt, path)
+    with pytest.raises(SystemExit, match=f"ckpt.pt lacks settings that this {script} needs; train anew"):
+        mod.train(mod.parse_args([*argv, "--resume"]))
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
