@@ -192,6 +192,7 @@ def evaluate(model, x_test, y_test, cfg):  # the exact test bits/dim, and sample
     nrow = 10 if cfg.conditional else 8  # conditional: a column per class
     torchvision.utils.save_image(imgs / 255, f"{cfg.out_dir}/samples.png", nrow=nrow)
     kind = "exact" if cfg.levels == 256 else f"exact, quantized to {cfg.levels} levels"
+    kind = "exact, binarized (the test split once, seed 0)" if cfg.binarize else kind
     kind += ", conditional on the true class" if cfg.conditional else ""
     kind += f", the first {n} test images" if n < len(x_test) else ""
     nats = bits / n * x_test[0].numel() * math.log(2)  # -log p(x) per image, as binarized MNIST's papers
