@@ -123,9 +123,11 @@ def evaluate(model, x_test, cfg, n=0):  # the whole split; recon.png, samples_in
     codes = torch.cat([model.encode_codes(xb) for xb in batches])  # [N, 8, 8]
     recon = model.decode_codes(codes)  # [N, C, h, w] in [0, 1]
     mse = F.mse_loss(recon, x_test / 255).item()
-    p = torch.bincount(codes.flatten(), minlength=cfg.codebook_size) / codes.numel()  # code usage
-    res = {"test_mse": mse, "test_psnr_db": -10 * math.log10(mse), "codes_used": int((p > 0).sum()),
-           "code_perplexity": torch.special.entr(p).sum().exp().item()}  # exp(entropy of the usage)
+    usage = torch.bincount(codes.flatten(), minlength=cfg.codebook_size)
+    p = usage / codes.numel()  # how often each code is used
+    res = {"test_mse": mse, "test_psnr_db": -10 * math.log10(mse)}
+    res["codes_used"] = int((p > 0).sum())
+    res["code_perplexity"] = torch.special.entr(p).sum().exp().item()  # exp(entropy of the usage)
     torchvision.utils.save_image(torch.cat([x_test[:32] / 255, recon[:32]]), f"{cfg.out_dir}/recon.png")
     g = torch.Generator(x_test.device).manual_seed(cfg.seed)  # the same draws at every eval
     independent = model.sample(max(n, cfg.n_samples), codes, g)  # they show why a prior is needed
