@@ -243,7 +243,8 @@ CHOICES = {"dataset": tuple(DATASETS), "dtype": ("float32", "bfloat16"),
            "arch": ("gated", "pixelcnn"), "output": ("softmax", "logistic_mix")}
 ARCH = ("dataset", "arch", "output", "levels", "binarize", "n_mix", "conditional", "hidden",
         "n_layers", "kernel")
-BY_DEVICE = {"test_images": (0, 1000), "fid_samples": (2000, 200)}  # Config fields left None: (on CUDA, elsewhere)
+# Config fields left None: (on CUDA, elsewhere)
+BY_DEVICE = {"test_images": (0, 1000), "fid_samples": (2000, 200)}
 
 def check(cfg):  # what setup's generic checks cannot know: each would give wrong numbers
     if cfg.binarize:
@@ -389,7 +390,7 @@ def train(cfg: Config) -> dict:
     model = Model(cfg, x_train.shape[1:]).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)  # the Polyak average (both official codes)
     params, ema_params = list(model.parameters()), list(ema.parameters())
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)
+    opt = torch.optim.Adam(params, lr=cfg.lr, fused=True)
     g = torch.Generator(device).manual_seed(cfg.seed + 1000 * RANK)  # the batches
     step, curves = 0, {"train": [], "test": []}  # curves: (step, bits/dim) pairs for loss.png
     if ckpt:
