@@ -9,18 +9,21 @@ import argparse
 import copy
 import dataclasses
 import functools
+import hashlib
 import inspect
 import json
 import math
 import os
 import re
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from PIL import Image, ImageOps  # torchvision's dependency
 
 # --------------------------------------------------------------------------- model
 class ActNorm(nn.Module):  # y = (x + b) * exp(logs) per channel (sec. 3.1)
@@ -176,15 +179,67 @@ def to_uint8(y):  # the bin of y: back to 0..255; NaN shows as mid-grey
     return ((y.nan_to_num() + 0.5) * 256).clamp(0, 255).byte()  # truncation is the floor
 
 # --------------------------------------------------------------------------- data, evaluation, samples
-def load_split(dataset, data_dir, train):  # the split as one uint8 tensor [N, C, H, W], labels [N]
+def load_split(cfg, train):  # the split as one uint8 tensor [N, C, H, W], labels [N]
+    if cfg.dataset == "folder":
+        return hold_out_test(*read_folder(cfg), train)
+    stl10 = f"{cfg.data_dir}/stl10_binary/{'train' if train else 'test'}_%s.bin"  # torchvision's
     try:
-        ds = getattr(torchvision.datasets, DATASETS[dataset])(data_dir, train=train, download=True)
+        if cfg.dataset != "stl10":
+            Set = getattr(torchvision.datasets, DATASETS[cfg.dataset])  # MNIST, CIFAR10, ...
+            ds = Set(cfg.data_dir, train, download=True)
+        elif not os.path.exists(stl10 % "y"):
+            torchvision.datasets.STL10(cfg.data_dir, "train" if train else "test", download=True)
     except Exception as e:  # not in data_dir, and no network ("urlopen error") or another failure
         why = "no network" if "urlopen error" in str(e) else type(e).__name__
-        fail(f"no {dataset} in --data_dir {data_dir} and its download failed ({why})")
+        fail(f"no {cfg.dataset} in --data_dir {cfg.data_dir} and its download failed ({why})")
+    if cfg.dataset == "stl10":  # 96x96 RGB, each image stored column by column; labels 1..10
+        x = torch.from_numpy(np.fromfile(stl10 % "X", np.uint8)).view(-1, 3, 96, 96).transpose(2, 3)
+        y = torch.from_numpy(np.fromfile(stl10 % "y", np.uint8)).long() - 1
+        return resize(x, cfg.image_size), y
     x = torch.as_tensor(ds.data)
-    x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)  # MNIST [N, H, W]; CIFAR [N, H, W, C]
+    x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)  # MNIST: [N, H, W]; CIFAR: NHWC
     return x.contiguous(), torch.as_tensor(ds.targets)
+
+def resize(x, size):  # uint8 [N, C, h, w] -> [N, C, size, size], antialiased bicubic, in chunks
+    chunks = [nn.functional.interpolate(xb.float(), size, mode="bicubic", antialias=True)
+              for xb in x.split(500)]
+    return torch.cat(chunks).round().clamp(0, 255).byte()
+
+def read_folder(cfg):  # the images under --data_dir, squared: [N, 3, S, S]; a label per subfolder
+    root = Path(cfg.data_dir)
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    if len(files) < 10:  # a tenth is the test split
+        fail(f"--dataset folder needs 10 or more .png or .jpg files in --data_dir {root}; "
+             f"found {len(files)}")
+    listing = [(str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    stamp = hashlib.sha256(repr(listing).encode()).hexdigest()  # a changed folder: a new cache
+    where = root if os.access(root, os.W_OK) else Path(cfg.out_dir)  # a read-only folder
+    cache = where / f"images-{cfg.image_size}px.pt"
+    old = torch.load(cache, weights_only=True) if cache.exists() else {}
+    if old.get("stamp") == stamp:
+        return old["x"], old["y"]
+    label = {d: i for i, d in enumerate(sorted({p.parent for p in files}))}  # no subfolders: all 0
+    x = torch.stack([square(p, cfg.image_size) for p in progress(cfg, "reading images", files)])
+    y = torch.tensor([label[p.parent] for p in files])
+    where.mkdir(parents=True, exist_ok=True)
+    torch.save({"stamp": stamp, "x": x, "y": y}, f"{cache}.{os.getpid()}.tmp")
+    os.replace(f"{cache}.{os.getpid()}.tmp", cache)  # atomic: never a half-written cache
+    log(cfg, f"read {len(x)} images in {len(label)} classes; cached in {cache}")
+    return x, y
+
+def square(path, size):  # an image file -> its centre square, resized: uint8 [3, size, size]
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.fit(im.convert("RGB"), (size, size), Image.Resampling.BICUBIC)
+    except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+        fail(f"cannot read the image {path} ({type(e).__name__}); remove or replace it")
+    return torch.from_numpy(np.array(im)).permute(2, 0, 1)  # [H, W, 3] -> [3, H, W]
+
+def hold_out_test(x, y, train):  # a seeded tenth of the folder (at most 10,000) is the test split
+    test = torch.zeros(len(x), dtype=torch.bool)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    test[order[:min(10000, len(x) // 10)]] = True
+    return (x[~test], y[~test]) if train else (x[test], y[test])
 
 @torch.inference_mode()
 def evaluate(model, x_test, cfg):  # exact test bits/dim over the whole split, a fixed dequantization
@@ -214,10 +269,11 @@ def sample_metrics(model, cfg, device):  # samples.npz at --fid_temperature; FID
 
 @dataclasses.dataclass
 class Config:
-    dataset: str = "fashion"  # fashion | mnist | cifar10
-    data_dir: str = "./data"  # torchvision's root: <data_dir>/FashionMNIST/raw/...
+    dataset: str = "fashion"  # fashion | mnist | cifar10 | stl10 | folder
+    data_dir: str = "./data"  # torchvision's root (<data_dir>/MNIST/raw/...), or the folder
+    image_size: int = 32  # stl10 and folder images are resized to it once (others keep theirs)
     out_dir: str = "out/glow-{dataset}"  # everything of the run
-    L: int = 0  # levels; 0: auto, 2 for 28x28 (28 -> 14 -> 7), 3 for 32x32 (paper)
+    L: int = 0  # levels; 0: auto, 2 for 28x28 (28 -> 14 -> 7), 3 for 32x32 (paper), 4 for 64
     K: int = 32  # steps of flow per level (paper: 32)
     hidden: int = 512  # channels of the coupling networks (paper: 512)
     permutation: str = "invconv"  # invconv | shuffle | reverse (the paper's ablation, fig. 3)
@@ -243,12 +299,14 @@ class Config:
     fid_temperature: float = 1.0  # of samples.npz and the headline fid / precision / recall
     fid_samples: int = None  # samples for FID / precision / recall; 0 skips the metrics
 
-DATASETS = {"fashion": "FashionMNIST", "mnist": "MNIST", "cifar10": "CIFAR10"}
+DATASETS = {"fashion": "FashionMNIST", "mnist": "MNIST", "cifar10": "CIFAR10", "stl10": "STL10",
+            "folder": None}  # folder: the images under --data_dir
 OPTIMIZERS = {"adam": functools.partial(torch.optim.Adam, fused=True), "adamax": torch.optim.Adamax}
 CHOICES = {"dataset": tuple(DATASETS), "permutation": ("invconv", "shuffle", "reverse"),
            "coupling": ("affine", "additive"), "scale_fn": ("sigmoid", "exp"),
            "optimizer": tuple(OPTIMIZERS), "dtype": ("float32", "bfloat16")}
-ARCH = ("dataset", "L", "K", "hidden", "permutation", "coupling", "scale_fn", "scale_min")
+ARCH = ("dataset", "image_size", "L", "K", "hidden", "permutation", "coupling", "scale_fn",
+        "scale_min")
 BY_DEVICE = {"fid_samples": (10000, 2000)}  # Config fields left None: (on CUDA, elsewhere)
 
 # -------------------------------------------------------------- scaffolding, the same in every model file
@@ -376,10 +434,11 @@ def main():  # the command line; a batch too big for the memory is a one-line er
 # --------------------------------------------------------------------------- training
 def train(cfg: Config) -> dict:
     device, ckpt = setup(cfg)
-    x_train = load_split(cfg.dataset, cfg.data_dir, train=True)[0].to(device)  # all on the device
-    x_test = load_split(cfg.dataset, cfg.data_dir, train=False)[0].to(device)
+    x_train = load_split(cfg, train=True)[0].to(device)  # all on the device
+    x_test = load_split(cfg, train=False)[0].to(device)
     size = x_train.shape[2]
-    cfg.L = cfg.L or (3 if size % 8 == 0 else 2)  # 28 -> 14 -> 7; 32 -> 16 -> 8 -> 4
+    halvings = [L for L in range(1, 7) if size % 2 ** L == 0 and size // 2 ** L >= 4]
+    cfg.L = cfg.L or max(halvings, default=1)  # down to 4x4 at least: 28 -> 7 (L 2), 64 -> 4 (L 4)
     if size % 2 ** cfg.L:
         fail(f"--L {cfg.L} cannot halve {size}x{size} images {cfg.L} times")
     torch.manual_seed(cfg.seed + RANK)  # DDP gives every rank rank 0's initial weights

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from PIL import Image, ImageOps  # torchvision's dependency
 from torchvision.models import inception
 
 # --------------------------------------------------------------------------- the metrics (float64)
@@ -103,15 +104,15 @@ def classifier_score(logits):  # exp E_x KL(p(y|x) || p(y)), p(y) = E_x p(y|x): 
 
 # --------------------------------------------------------------------------- feature networks
 class Classifier(nn.Module):  # the `classifier` features: a small CNN's 128-d penultimate layer
-    def __init__(self, channels, size):
+    def __init__(self, channels, size, classes=10):
         super().__init__()
         self.conv = nn.Sequential(  # two blocks of conv, batch norm, ReLU, 2x2 max pool: H, W / 4
             nn.Conv2d(channels, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
             nn.Flatten())
         self.fc = nn.Sequential(nn.Linear(64 * (size // 4) ** 2, 128), nn.ReLU())
-        self.head = nn.Linear(128, 10)
-    def forward(self, x):  # x in [0, 1]: features [B, 128], logits [B, 10]
+        self.head = nn.Linear(128, classes)
+    def forward(self, x):  # x in [0, 1]: features [B, 128], logits [B, classes]
         h = self.fc(self.conv(2 * x - 1))
         return h, self.head(h)
 
@@ -164,15 +165,83 @@ def load_inception(path):  # from a local file (default: torch hub's cache): not
     return net.eval()
 
 # --------------------------------------------------------------------------- data, cache, training
-def load_split(dataset, data_dir, train):  # the split as one uint8 tensor [N, C, H, W], labels [N]
+def load_split(cfg, train):  # the split as one uint8 tensor [N, C, H, W], labels [N]
+    if cfg.dataset == "folder":
+        return hold_out_test(*read_folder(cfg), train)
+    stl10 = f"{cfg.data_dir}/stl10_binary/{'train' if train else 'test'}_%s.bin"  # torchvision's
     try:
-        ds = getattr(torchvision.datasets, DATASETS[dataset])(data_dir, train=train, download=True)
+        if cfg.dataset != "stl10":
+            Set = getattr(torchvision.datasets, DATASETS[cfg.dataset])  # MNIST, CIFAR10, ...
+            ds = Set(cfg.data_dir, train, download=True)
+        elif not os.path.exists(stl10 % "y"):
+            torchvision.datasets.STL10(cfg.data_dir, "train" if train else "test", download=True)
     except Exception as e:  # not in data_dir, and no network ("urlopen error") or another failure
         why = "no network" if "urlopen error" in str(e) else type(e).__name__
-        fail(f"no {dataset} in --data_dir {data_dir} and its download failed ({why})")
+        fail(f"no {cfg.dataset} in --data_dir {cfg.data_dir} and its download failed ({why})")
+    if cfg.dataset == "stl10":  # 96x96 RGB, each image stored column by column; labels 1..10
+        x = torch.from_numpy(np.fromfile(stl10 % "X", np.uint8)).view(-1, 3, 96, 96).transpose(2, 3)
+        y = torch.from_numpy(np.fromfile(stl10 % "y", np.uint8)).long() - 1
+        return resize(x, cfg.image_size), y
     x = torch.as_tensor(ds.data)
-    x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)  # MNIST [N, H, W]; CIFAR [N, H, W, C]
+    x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)  # MNIST: [N, H, W]; CIFAR: NHWC
     return x.contiguous(), torch.as_tensor(ds.targets)
+
+def resize(x, size):  # uint8 [N, C, h, w] -> [N, C, size, size], antialiased bicubic, in chunks
+    chunks = [nn.functional.interpolate(xb.float(), size, mode="bicubic", antialias=True)
+              for xb in x.split(500)]
+    return torch.cat(chunks).round().clamp(0, 255).byte()
+
+def read_folder(cfg):  # the images under --data_dir, squared: [N, 3, S, S]; a label per subfolder
+    root = Path(cfg.data_dir)
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    if len(files) < 10:  # a tenth is the test split
+        fail(f"--dataset folder needs 10 or more .png or .jpg files in --data_dir {root}; "
+             f"found {len(files)}")
+    listing = [(str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    stamp = hashlib.sha256(repr(listing).encode()).hexdigest()  # a changed folder: a new cache
+    where = root if os.access(root, os.W_OK) else Path(cfg.out_dir)  # a read-only folder
+    cache = where / f"images-{cfg.image_size}px.pt"
+    old = torch.load(cache, weights_only=True) if cache.exists() else {}
+    if old.get("stamp") == stamp:
+        return old["x"], old["y"]
+    label = {d: i for i, d in enumerate(sorted({p.parent for p in files}))}  # no subfolders: all 0
+    x = torch.stack([square(p, cfg.image_size) for p in progress(cfg, "reading images", files)])
+    y = torch.tensor([label[p.parent] for p in files])
+    where.mkdir(parents=True, exist_ok=True)
+    torch.save({"stamp": stamp, "x": x, "y": y}, f"{cache}.{os.getpid()}.tmp")
+    os.replace(f"{cache}.{os.getpid()}.tmp", cache)  # atomic: never a half-written cache
+    log(cfg, f"read {len(x)} images in {len(label)} classes; cached in {cache}")
+    return x, y
+
+def square(path, size):  # an image file -> its centre square, resized: uint8 [3, size, size]
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.fit(im.convert("RGB"), (size, size), Image.Resampling.BICUBIC)
+    except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+        fail(f"cannot read the image {path} ({type(e).__name__}); remove or replace it")
+    return torch.from_numpy(np.array(im)).permute(2, 0, 1)  # [H, W, 3] -> [3, H, W]
+
+def hold_out_test(x, y, train):  # a seeded tenth of the folder (at most 10,000) is the test split
+    test = torch.zeros(len(x), dtype=torch.bool)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    test[order[:min(10000, len(x) // 10)]] = True
+    return (x[~test], y[~test]) if train else (x[test], y[test])
+
+def real(dataset, data_dir, image_size=32):  # what load_split reads (a model file passes its cfg)
+    spare = cache_root(data_dir)  # where the images of a read-only folder are cached
+    return argparse.Namespace(dataset=dataset, data_dir=str(data_dir), image_size=image_size,
+                              out_dir=str(spare))
+
+def log(cfg, msg):  # as the model files' log, without a log.txt
+    print(f"metrics: {msg}", flush=True)
+
+def progress(cfg, what, items):  # yields the items; a line with the ETA every 10 s of a long phase
+    t0 = last = time.perf_counter()
+    for i, item in enumerate(items, 1):
+        yield item
+        if time.perf_counter() - last > 10 and i < len(items):
+            last = time.perf_counter()
+            log(cfg, f"{what} {i}/{len(items)} | eta {(last - t0) * (len(items) - i) / i:.0f}s")
 
 def fingerprint(*tensors):  # size and sha256 of the bytes: names what a cache file was built from
     h = hashlib.sha256()
@@ -211,7 +280,7 @@ def extract(net, x, device):  # features [N, d] and logits [N, K] (float32, CPU)
 def train_classifier(x, y, flip):  # Adam, 2 epochs of batches of 128, lr linearly down to 0
     g = torch.Generator().manual_seed(0)  # on the CPU: the same batches on every device
     torch.manual_seed(0)
-    net = Classifier(x.shape[1], x.shape[2]).to(x.device)
+    net = Classifier(x.shape[1], x.shape[2], int(y.max()) + 1).to(x.device)
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
     steps = max(2 * len(x) // 128, 30)  # at least 30 steps on tiny test sets
     for step in range(steps):
@@ -230,8 +299,11 @@ def train_classifier(x, y, flip):  # Adam, 2 epochs of batches of 128, lr linear
             print(f"metrics: classifier step {step + 1}/{steps} | loss {loss.item():.3f}")
     return net
 
-def classifier(dataset, data_dir, root, device, retrain=False):  # trained once, then cached
-    x, y = load_split(dataset, data_dir, train=True)
+def classifier(dataset, data_dir, root, device, retrain=False, image_size=32):  # trained once
+    x, y = load_split(real(dataset, data_dir, image_size), train=True)
+    if y.max() == 0:  # a folder without class subfolders
+        fail(f"the images in {data_dir} have no classes (subfolders) to train the classifier "
+             "features on; use --features inception, or sort them into class subfolders")
     path = root / f"classifier-{dataset}-{VERSION}-{fingerprint(x, y)}.pt"
     ckpt = None if retrain else read_cache(path)
     if ckpt is None:
@@ -239,20 +311,20 @@ def classifier(dataset, data_dir, root, device, retrain=False):  # trained once,
         net = train_classifier(x.to(device), y.to(device), flip=dataset != "mnist")
         ckpt = {"model": net.cpu().state_dict()}
         write_cache(ckpt, path)
-    net = Classifier(x.shape[1], x.shape[2])
+    net = Classifier(x.shape[1], x.shape[2], int(y.max()) + 1)
     net.load_state_dict(ckpt["model"])
     net.weights_id = fingerprint(*net.state_dict().values())  # a retrained net: a new reference
     return net
 
 def feature_net(dataset, data_dir, device, features="classifier", cache_dir="",
-                inception_weights="", retrain=False):  # (net, the test split's reference features)
+                inception_weights="", retrain=False, image_size=32):  # (net, the test features)
     root = cache_root(data_dir, cache_dir)
     if features == "classifier":
-        net = classifier(dataset, data_dir, root, device, retrain)
+        net = classifier(dataset, data_dir, root, device, retrain, image_size)
     else:
         net = load_inception(inception_weights)
     net = net.to(device).eval()
-    x_test, y_test = load_split(dataset, data_dir, train=False)
+    x_test, y_test = load_split(real(dataset, data_dir, image_size), train=False)
     test_id = fingerprint(x_test, y_test)
     net_hash = hashlib.sha256(net.weights_id.encode()).hexdigest()[:8]
     path = root / f"ref-{dataset}-{features}-{VERSION}-test{test_id}-{net_hash}.pt"
@@ -280,13 +352,17 @@ def evaluate(images, dataset, data_dir, device="auto", features="classifier", ca
              inception_weights="", kid_subsets=100, seed=0):  # of uint8 samples [N, C, H, W]
     if dataset not in DATASETS or features not in CHOICES["features"]:
         fail(f"unknown dataset {dataset!r} or features {features!r}; expected one of {CHOICES}")
-    shape = (3, 32, 32) if dataset == "cifar10" else (1, 28, 28)  # (C, H, W)
     x = images if torch.is_tensor(images) else torch.as_tensor(np.ascontiguousarray(images))
+    size = x.shape[-1] if dataset in ("stl10", "folder") else 32  # as the model files' --image_size
+    shape = (1, 28, 28) if dataset in ("mnist", "fashion") else (3, size, size)  # (C, H, W)
     if x.dtype != torch.uint8 or x.shape[1:] != shape or len(x) < 6:  # the 5-NN radii: 6 points
         fail(f"expected at least 6 uint8 images [N, C, H, W], (C, H, W) = {shape} for {dataset}, "
              f"got {x.dtype} {list(x.shape)} (from [0, 1]: (x * 255).round().byte())")
     device = pick_device(device)
-    net, ref = feature_net(dataset, data_dir, device, features, cache_dir, inception_weights)
+    net, ref = feature_net(dataset, data_dir, device, features, cache_dir, inception_weights,
+                           image_size=size)
+    if len(ref["feats"]) < 6:  # the 5-NN radii of precision, recall, density and coverage
+        fail(f"the {dataset} test split has {len(ref['feats'])} images; the metrics need 6 or more")
     feats, logits = extract(net, x.cpu(), device)
     kid_mean, kid_std = kid(ref["feats"], feats, kid_subsets, seed=seed)
     res = {"fid": fid(feats, ref["feats"]), "kid": kid_mean, "kid_std": kid_std}
@@ -295,8 +371,9 @@ def evaluate(images, dataset, data_dir, device="auto", features="classifier", ca
 
 @dataclasses.dataclass
 class Config:
-    dataset: str = "fashion"  # fashion | mnist | cifar10
-    data_dir: str = "./data"  # torchvision's root: <data_dir>/FashionMNIST/raw/...
+    dataset: str = "fashion"  # fashion | mnist | cifar10 | stl10 | folder
+    data_dir: str = "./data"  # torchvision's root (<data_dir>/MNIST/raw/...), or the folder
+    image_size: int = 32  # of stl10 and folder images for --real_vs_real (else the samples')
     samples: str = ""  # an .npz with key `images`, uint8 [N, C, H, W], to evaluate
     real_vs_real: bool = False  # evaluate n_real training images instead: the floor
     n_real: int = 10000  # a seeded random subset of the training split; 0: all of it
@@ -308,7 +385,8 @@ class Config:
     device: str = "auto"  # auto: cuda, then mps, then cpu
     seed: int = 0  # of the KID subsets and of the --real_vs_real subset
 
-DATASETS = {"fashion": "FashionMNIST", "mnist": "MNIST", "cifar10": "CIFAR10"}
+DATASETS = {"fashion": "FashionMNIST", "mnist": "MNIST", "cifar10": "CIFAR10", "stl10": "STL10",
+            "folder": None}  # folder: the images under --data_dir
 CHOICES = {"dataset": tuple(DATASETS), "features": ("classifier", "inception")}
 VERSION = "v1"  # in every cache file's name: bump it when a feature net's recipe changes
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -346,7 +424,7 @@ def main(cfg: Config) -> dict:  # prints the results and the FINAL line, writes 
     device = pick_device(cfg.device)
     if cfg.train_classifier:
         _, ref = feature_net(cfg.dataset, cfg.data_dir, device, "classifier", cfg.cache_dir,
-                             retrain=True)
+                             retrain=True, image_size=cfg.image_size)
         print(f"FINAL metrics classifier {cfg.dataset} test_acc={ref['classifier_test_acc']:.4f}")
         return ref
     if cfg.samples:
@@ -357,14 +435,14 @@ def main(cfg: Config) -> dict:  # prints the results and the FINAL line, writes 
             fail(f"cannot read key `images` of --samples {cfg.samples} ({type(e).__name__}); "
                  "expected an .npz from np.savez(path, images=uint8 [N, C, H, W])")
     else:
-        x = load_split(cfg.dataset, cfg.data_dir, train=True)[0]
+        x = load_split(real(cfg.dataset, cfg.data_dir, cfg.image_size), train=True)[0]
         if 0 < cfg.n_real < len(x):  # a seeded random subset
             g = torch.Generator().manual_seed(cfg.seed)
             x = x[torch.randperm(len(x), generator=g)[:cfg.n_real]]
     what = cfg.samples or f"real train ({len(x)}) vs real test"
     nets = (cfg.dataset, cfg.data_dir, device, cfg.features, cfg.cache_dir, cfg.inception_weights)
     res = evaluate(x, *nets, seed=cfg.seed)
-    ref = feature_net(*nets)[1]  # the reference that evaluate() used
+    ref = feature_net(*nets, image_size=x.shape[-1])[1]  # the reference that evaluate() used
     res |= {"dataset": cfg.dataset, "evaluated": what, "n_real_test": len(ref["feats"]),
             "classifier_test_acc": ref["classifier_test_acc"], "device": str(device),
             "wall_s": round(time.perf_counter() - t0, 1)}

@@ -7,17 +7,20 @@ Ours: no ZCA on cifar10; s set from one batch; a seeded draw, not the last 10,00
 """
 import argparse
 import dataclasses
+import hashlib
 import inspect
 import json
 import math
 import os
 import re
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torchvision
+from PIL import Image, ImageOps  # torchvision's dependency
 from matplotlib.figure import Figure
 
 # --------------------------------------------------------------------------- model
@@ -70,17 +73,69 @@ class NICE(nn.Module):
         return self.inverse(z)
 
 # --------------------------------------------------------------------------- data, evaluation, samples
-def load_split(dataset, data_dir, train):  # the split as one uint8 tensor [N, C, H, W], labels [N]
-    if dataset in TOY_SETS:  # fixed draws of the 2-D density: float [N, 2], no labels
-        return toy_data(dataset, 100_000 if train else 20_000, 0 if train else 10_000), None
+def load_split(cfg, train):  # the split as one uint8 tensor [N, C, H, W], labels [N]
+    if cfg.dataset in TOY_SETS:  # fixed draws of the 2-D density: float [N, 2], no labels
+        return toy_data(cfg.dataset, 100_000 if train else 20_000, 0 if train else 10_000), None
+    if cfg.dataset == "folder":
+        return hold_out_test(*read_folder(cfg), train)
+    stl10 = f"{cfg.data_dir}/stl10_binary/{'train' if train else 'test'}_%s.bin"  # torchvision's
     try:
-        ds = getattr(torchvision.datasets, DATASETS[dataset])(data_dir, train=train, download=True)
+        if cfg.dataset != "stl10":
+            Set = getattr(torchvision.datasets, DATASETS[cfg.dataset])  # MNIST, CIFAR10, ...
+            ds = Set(cfg.data_dir, train, download=True)
+        elif not os.path.exists(stl10 % "y"):
+            torchvision.datasets.STL10(cfg.data_dir, "train" if train else "test", download=True)
     except Exception as e:  # not in data_dir, and no network ("urlopen error") or another failure
         why = "no network" if "urlopen error" in str(e) else type(e).__name__
-        fail(f"no {dataset} in --data_dir {data_dir} and its download failed ({why})")
+        fail(f"no {cfg.dataset} in --data_dir {cfg.data_dir} and its download failed ({why})")
+    if cfg.dataset == "stl10":  # 96x96 RGB, each image stored column by column; labels 1..10
+        x = torch.from_numpy(np.fromfile(stl10 % "X", np.uint8)).view(-1, 3, 96, 96).transpose(2, 3)
+        y = torch.from_numpy(np.fromfile(stl10 % "y", np.uint8)).long() - 1
+        return resize(x, cfg.image_size), y
     x = torch.as_tensor(ds.data)
-    x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)  # MNIST [N, H, W]; CIFAR [N, H, W, C]
+    x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)  # MNIST: [N, H, W]; CIFAR: NHWC
     return x.contiguous(), torch.as_tensor(ds.targets)
+
+def resize(x, size):  # uint8 [N, C, h, w] -> [N, C, size, size], antialiased bicubic, in chunks
+    chunks = [nn.functional.interpolate(xb.float(), size, mode="bicubic", antialias=True)
+              for xb in x.split(500)]
+    return torch.cat(chunks).round().clamp(0, 255).byte()
+
+def read_folder(cfg):  # the images under --data_dir, squared: [N, 3, S, S]; a label per subfolder
+    root = Path(cfg.data_dir)
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    if len(files) < 10:  # a tenth is the test split
+        fail(f"--dataset folder needs 10 or more .png or .jpg files in --data_dir {root}; "
+             f"found {len(files)}")
+    listing = [(str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    stamp = hashlib.sha256(repr(listing).encode()).hexdigest()  # a changed folder: a new cache
+    where = root if os.access(root, os.W_OK) else Path(cfg.out_dir)  # a read-only folder
+    cache = where / f"images-{cfg.image_size}px.pt"
+    old = torch.load(cache, weights_only=True) if cache.exists() else {}
+    if old.get("stamp") == stamp:
+        return old["x"], old["y"]
+    label = {d: i for i, d in enumerate(sorted({p.parent for p in files}))}  # no subfolders: all 0
+    x = torch.stack([square(p, cfg.image_size) for p in progress(cfg, "reading images", files)])
+    y = torch.tensor([label[p.parent] for p in files])
+    where.mkdir(parents=True, exist_ok=True)
+    torch.save({"stamp": stamp, "x": x, "y": y}, f"{cache}.{os.getpid()}.tmp")
+    os.replace(f"{cache}.{os.getpid()}.tmp", cache)  # atomic: never a half-written cache
+    log(cfg, f"read {len(x)} images in {len(label)} classes; cached in {cache}")
+    return x, y
+
+def square(path, size):  # an image file -> its centre square, resized: uint8 [3, size, size]
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.fit(im.convert("RGB"), (size, size), Image.Resampling.BICUBIC)
+    except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+        fail(f"cannot read the image {path} ({type(e).__name__}); remove or replace it")
+    return torch.from_numpy(np.array(im)).permute(2, 0, 1)  # [H, W, 3] -> [3, H, W]
+
+def hold_out_test(x, y, train):  # a seeded tenth of the folder (at most 10,000) is the test split
+    test = torch.zeros(len(x), dtype=torch.bool)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    test[order[:min(10000, len(x) // 10)]] = True
+    return (x[~test], y[~test]) if train else (x[test], y[test])
 
 def hold_out(x, cfg):  # (train, val): a seeded draw of the training split, the same in every run
     n = min(10_000, len(x) // 5) if cfg.val_images is None else cfg.val_images  # a small split: 1/5
@@ -146,8 +201,9 @@ def save_samples(model, x_test, cfg, n=0):  # samples.png (toy sets: density.png
 
 @dataclasses.dataclass
 class Config:
-    dataset: str = "fashion"  # fashion | mnist | cifar10, or a 2-D toy set (TOY_SETS)
-    data_dir: str = "./data"  # torchvision's root: <data_dir>/FashionMNIST/raw/...
+    dataset: str = "fashion"  # fashion | mnist | cifar10 | stl10 | folder, or a toy set (TOY_SETS)
+    data_dir: str = "./data"  # torchvision's root (<data_dir>/MNIST/raw/...), or the folder
+    image_size: int = 32  # stl10 and folder images are resized to it once (others keep theirs)
     out_dir: str = "out/nice-{dataset}"  # everything of the run
     prior: str = "logistic"  # p_H: logistic (paper) | gaussian
     n_couplings: int = 0  # additive coupling layers; 0: 4 (paper), 8 on a toy set
@@ -172,13 +228,14 @@ class Config:
         for k, v in (TOY if self.dataset in TOY_SETS else IMAGES).items():
             setattr(self, k, getattr(self, k) or v)
 
-DATASETS = {"fashion": "FashionMNIST", "mnist": "MNIST", "cifar10": "CIFAR10"}
+DATASETS = {"fashion": "FashionMNIST", "mnist": "MNIST", "cifar10": "CIFAR10", "stl10": "STL10",
+            "folder": None}  # folder: the images under --data_dir
 TOY_SETS = ("moons", "8gaussians", "checkerboard")  # toy_data() draws them
 IMAGES = dict(n_couplings=4, hidden=1000, max_steps=30000, batch_size=200, lr=1e-3)
 TOY = dict(n_couplings=8, hidden=64, max_steps=3000, batch_size=512, lr=3e-3)
 CHOICES = {"dataset": (*DATASETS, *TOY_SETS), "prior": ("logistic", "gaussian"),
            "dtype": ("float32", "bfloat16")}
-ARCH = ("dataset", "prior", "n_couplings", "hidden")  # fixed by ckpt.pt
+ARCH = ("dataset", "image_size", "prior", "n_couplings", "hidden")  # fixed by ckpt.pt
 BY_DEVICE = {}  # Config fields left None: (on CUDA, elsewhere)
 
 # -------------------------------------------------------------- scaffolding, the same in every model file
@@ -307,10 +364,10 @@ def main():  # the command line; a batch too big for the memory is a one-line er
 def train(cfg: Config) -> dict:
     device, ckpt = setup(cfg)
     toy = cfg.dataset in TOY_SETS
-    x_train, x_val = hold_out(load_split(cfg.dataset, cfg.data_dir, train=True)[0], cfg)
+    x_train, x_val = hold_out(load_split(cfg, train=True)[0], cfg)
     cfg.val_images = len(x_val)  # None resolved, for ckpt.pt and results.json
     x_train = x_train.to(device)  # all on the device; batches come from x_train only
-    x_test = load_split(cfg.dataset, cfg.data_dir, train=False)[0].to(device)
+    x_test = load_split(cfg, train=False)[0].to(device)
     x_val = x_val.to(device) if cfg.val_images else x_test  # 0: the curve shows test, no selection
     split = "val" if cfg.val_images else "test"
     torch.manual_seed(cfg.seed + RANK)  # DDP gives every rank rank 0's initial weights

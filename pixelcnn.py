@@ -10,22 +10,25 @@ Deviations: a mixture per channel, no PixelCNN++ channel coupling; small nets; n
 import argparse
 import copy
 import dataclasses
+import hashlib
 import inspect
 import json
 import math
 import os
 import re
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from PIL import Image, ImageOps  # torchvision's dependency
 
 # --------------------------------------------------------------------------- model
 class MaskedConv2d(nn.Conv2d):  # a conv whose output pixel sees the input pixel at the tap centre
-    def __init__(self, ci, co, kernel, centre, mask, C, conditional=False):
+    def __init__(self, ci, co, kernel, centre, mask, C, classes=0):
         super().__init__(ci, co, kernel)
         r, c = centre
         kh, kw = self.kernel_size
@@ -37,8 +40,8 @@ class MaskedConv2d(nn.Conv2d):  # a conv whose output pixel sees the input pixel
             group_in = torch.arange(ci) % C  # channel c of every tensor is R, G or B by c % C
             m[:, :, r, c] = torch.arange(co)[:, None] % C >= group_in + (mask == "A")  # A: only <
         self.register_buffer("mask", m)
-        self.class_bias = nn.Embedding(10, co) if conditional else None  # V^T y, eq. (4), 2016b
-    def forward(self, x, y=None):  # y: the labels [B] of the 10 classes, if conditional
+        self.class_bias = nn.Embedding(classes, co) if classes else None  # V^T y, eq. (4), 2016b
+    def forward(self, x, y=None):  # y: the labels [B], if there are classes
         out = F.conv2d(F.pad(x, self.pad), self.weight * self.mask, self.bias)
         return out if self.class_bias is None else out + self.class_bias(y)[..., None, None]
 
@@ -50,14 +53,14 @@ def gate(x):  # tanh(W_f * x) * sigmoid(W_g * x), eq. (2) of 2016b; the halves k
     return x_f.tanh() * x_g.sigmoid()
 
 class GatedLayer(nn.Module):  # a layer of both stacks, fig. 2 of 2016b
-    def __init__(self, p, k, C, conditional, first):
+    def __init__(self, p, k, C, classes, first):
         super().__init__()
         ci = C if first else p  # layer 0 reads the image
         half = k // 2  # by the centres: v sees the half + 1 rows up to this one, h the row up to
         self.first = first  # the pixel (v's input is shifted down a row: it sees only rows above)
-        self.v = MaskedConv2d(ci, 2 * p, (half + 1, k), (half, half), None, C, conditional)
-        self.h = MaskedConv2d(ci, 2 * p, (1, half + 1), (0, half), "A" if first else "B", C,
-                              conditional)
+        self.v = MaskedConv2d(ci, 2 * p, (half + 1, k), (half, half), None, C, classes)
+        mask = "A" if first else "B"
+        self.h = MaskedConv2d(ci, 2 * p, (1, half + 1), (0, half), mask, C, classes)
         self.v2h = nn.Conv2d(2 * p, 2 * p, 1)  # what the vertical stack saw, into every channel
         self.h2h = pointwise(p, p, C)
     def forward(self, h, v_pre, y):  # the horizontal stack's next features [B, p, H, W]
@@ -65,9 +68,9 @@ class GatedLayer(nn.Module):  # a layer of both stacks, fig. 2 of 2016b
         return out if self.first else h + out  # residual, but not from the C input channels
 
 class GatedPixelCNN(nn.Module):
-    def __init__(self, C, p, n_layers, k, conditional):
+    def __init__(self, C, p, n_layers, k, classes):  # classes: 0 unless conditional
         super().__init__()
-        self.layers = nn.ModuleList(GatedLayer(p, k, C, conditional, first=i == 0)
+        self.layers = nn.ModuleList(GatedLayer(p, k, C, classes, first=i == 0)
                                     for i in range(n_layers))
         self.reach = (k // 2) * n_layers + 1  # the rows above a pixel that can reach it
     def vertical(self, x, y):  # [B, C, H, W] -> the layers' vertical pre-activations [B, 2p, H, W]
@@ -85,10 +88,10 @@ class GatedPixelCNN(nn.Module):
         return self.horizontal(x, self.vertical(x, y), y)
 
 class PixelCNN(nn.Module):  # the original of 2016a; its masks leave a blind spot up-right
-    def __init__(self, C, p, n_layers, k, conditional):
+    def __init__(self, C, p, n_layers, k, classes):
         super().__init__()
         self.inp = MaskedConv2d(C, p, 7, (3, 3), "A", C)
-        self.convs = nn.ModuleList(MaskedConv2d(p, p, k, (k // 2, k // 2), "B", C, conditional)
+        self.convs = nn.ModuleList(MaskedConv2d(p, p, k, (k // 2, k // 2), "B", C, classes)
                                    for _ in range(n_layers))
         self.outs = nn.ModuleList(pointwise(p, p, C) for _ in range(n_layers))
         self.reach = 3 + (k // 2) * n_layers
@@ -119,15 +122,16 @@ def pick(logp, u):  # inverse-CDF draws: logp [B, L], u [B] uniform in [0, 1) ->
     return (cdf < u[:, None] * cdf[:, -1:]).sum(-1)  # scaled by cdf[-1]: never past L - 1
 
 class Model(nn.Module):  # the network, its head and the distribution of L = --levels values
-    def __init__(self, cfg, shape):  # shape: (C, H, W)
+    def __init__(self, cfg, shape, classes=10):  # shape: (C, H, W); classes: of the labels
         super().__init__()
         self.cfg = cfg
         self.shape = shape
+        self.classes = classes if cfg.conditional else 0
         self.L = cfg.levels
         n_out = 3 * cfg.n_mix if cfg.output == "logistic_mix" else cfg.levels  # per channel
         C, p = shape[0], cfg.hidden
         net = GatedPixelCNN if cfg.arch == "gated" else PixelCNN
-        self.net = net(C, p, cfg.n_layers, cfg.kernel, cfg.conditional)
+        self.net = net(C, p, cfg.n_layers, cfg.kernel, self.classes)
         head = [nn.ReLU(), pointwise(p, p, C), nn.ReLU(), pointwise(p, n_out * C, C)]
         self.head = nn.Sequential(*head)  # parameter t of channel c at index t * C + c
     def quantize(self, x):  # uint8 0..255 -> 0..L-1
@@ -150,9 +154,9 @@ class Model(nn.Module):  # the network, its head and the distribution of L = --l
         bpd = -self.logp(out, q).mean() / math.log(2)  # log p: nats [B, C, H, W]
         return bpd, {"bpd": bpd.detach()}
     @torch.inference_mode()
-    def sample(self, n, generator):  # n uint8 images [n, C, H, W], of the classes 0..9 in turn
+    def sample(self, n, generator):  # n uint8 images [n, C, H, W], of the classes in turn
         u = torch.rand(n, *self.shape, device=generator.device, generator=generator)
-        y = torch.arange(n, device=u.device) % 10
+        y = torch.arange(n, device=u.device) % max(1, self.classes)
         x = torch.full_like(u, -1.0)  # the values not drawn yet (never seen, by the masks)
         gated = isinstance(self.net, GatedPixelCNN)
         for i in range(self.shape[1]):
@@ -169,15 +173,67 @@ class Model(nn.Module):  # the network, its head and the distribution of L = --l
         return ((x + 1) * 127.5).round().to(torch.uint8)  # level q at 255 q / (L - 1)
 
 # --------------------------------------------------------------------------- data, evaluation, samples
-def load_split(dataset, data_dir, train):  # the split as one uint8 tensor [N, C, H, W], labels [N]
+def load_split(cfg, train):  # the split as one uint8 tensor [N, C, H, W], labels [N]
+    if cfg.dataset == "folder":
+        return hold_out_test(*read_folder(cfg), train)
+    stl10 = f"{cfg.data_dir}/stl10_binary/{'train' if train else 'test'}_%s.bin"  # torchvision's
     try:
-        ds = getattr(torchvision.datasets, DATASETS[dataset])(data_dir, train=train, download=True)
+        if cfg.dataset != "stl10":
+            Set = getattr(torchvision.datasets, DATASETS[cfg.dataset])  # MNIST, CIFAR10, ...
+            ds = Set(cfg.data_dir, train, download=True)
+        elif not os.path.exists(stl10 % "y"):
+            torchvision.datasets.STL10(cfg.data_dir, "train" if train else "test", download=True)
     except Exception as e:  # not in data_dir, and no network ("urlopen error") or another failure
         why = "no network" if "urlopen error" in str(e) else type(e).__name__
-        fail(f"no {dataset} in --data_dir {data_dir} and its download failed ({why})")
+        fail(f"no {cfg.dataset} in --data_dir {cfg.data_dir} and its download failed ({why})")
+    if cfg.dataset == "stl10":  # 96x96 RGB, each image stored column by column; labels 1..10
+        x = torch.from_numpy(np.fromfile(stl10 % "X", np.uint8)).view(-1, 3, 96, 96).transpose(2, 3)
+        y = torch.from_numpy(np.fromfile(stl10 % "y", np.uint8)).long() - 1
+        return resize(x, cfg.image_size), y
     x = torch.as_tensor(ds.data)
-    x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)  # MNIST [N, H, W]; CIFAR [N, H, W, C]
+    x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)  # MNIST: [N, H, W]; CIFAR: NHWC
     return x.contiguous(), torch.as_tensor(ds.targets)
+
+def resize(x, size):  # uint8 [N, C, h, w] -> [N, C, size, size], antialiased bicubic, in chunks
+    chunks = [nn.functional.interpolate(xb.float(), size, mode="bicubic", antialias=True)
+              for xb in x.split(500)]
+    return torch.cat(chunks).round().clamp(0, 255).byte()
+
+def read_folder(cfg):  # the images under --data_dir, squared: [N, 3, S, S]; a label per subfolder
+    root = Path(cfg.data_dir)
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    if len(files) < 10:  # a tenth is the test split
+        fail(f"--dataset folder needs 10 or more .png or .jpg files in --data_dir {root}; "
+             f"found {len(files)}")
+    listing = [(str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    stamp = hashlib.sha256(repr(listing).encode()).hexdigest()  # a changed folder: a new cache
+    where = root if os.access(root, os.W_OK) else Path(cfg.out_dir)  # a read-only folder
+    cache = where / f"images-{cfg.image_size}px.pt"
+    old = torch.load(cache, weights_only=True) if cache.exists() else {}
+    if old.get("stamp") == stamp:
+        return old["x"], old["y"]
+    label = {d: i for i, d in enumerate(sorted({p.parent for p in files}))}  # no subfolders: all 0
+    x = torch.stack([square(p, cfg.image_size) for p in progress(cfg, "reading images", files)])
+    y = torch.tensor([label[p.parent] for p in files])
+    where.mkdir(parents=True, exist_ok=True)
+    torch.save({"stamp": stamp, "x": x, "y": y}, f"{cache}.{os.getpid()}.tmp")
+    os.replace(f"{cache}.{os.getpid()}.tmp", cache)  # atomic: never a half-written cache
+    log(cfg, f"read {len(x)} images in {len(label)} classes; cached in {cache}")
+    return x, y
+
+def square(path, size):  # an image file -> its centre square, resized: uint8 [3, size, size]
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.fit(im.convert("RGB"), (size, size), Image.Resampling.BICUBIC)
+    except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+        fail(f"cannot read the image {path} ({type(e).__name__}); remove or replace it")
+    return torch.from_numpy(np.array(im)).permute(2, 0, 1)  # [H, W, 3] -> [3, H, W]
+
+def hold_out_test(x, y, train):  # a seeded tenth of the folder (at most 10,000) is the test split
+    test = torch.zeros(len(x), dtype=torch.bool)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    test[order[:min(10000, len(x) // 10)]] = True
+    return (x[~test], y[~test]) if train else (x[test], y[test])
 
 def binarize(x, generator):  # uint8 images -> 0 or 255, with P(255) = pixel / 255 (binarized MNIST)
     u = torch.rand(x.shape, device=x.device, generator=generator)
@@ -189,7 +245,7 @@ def evaluate(model, x_test, y_test, cfg):  # the exact test bits/dim, and sample
     batches = progress(cfg, "test bits/dim", list(zip(x_test[:n].split(128), y_test[:n].split(128))))
     bits = sum(model(x, y)[0].item() * len(x) for x, y in batches)  # small: the logits stay in cache
     imgs, rate = draw(model, cfg.n_samples, cfg, cfg.seed)
-    nrow = 10 if cfg.conditional else 8  # conditional: a column per class
+    nrow = model.classes or 8  # conditional: a column per class
     torchvision.utils.save_image(imgs / 255, f"{cfg.out_dir}/samples.png", nrow=nrow)
     kind = "exact" if cfg.levels == 256 else f"exact, quantized to {cfg.levels} levels"
     kind = "exact, binarized (the test split once, seed 0)" if cfg.binarize else kind
@@ -210,8 +266,9 @@ def draw(model, n, cfg, seed):  # n uint8 samples [n, C, H, W] -> samples.npz; a
 
 @dataclasses.dataclass
 class Config:
-    dataset: str = "fashion"  # fashion | mnist | cifar10
-    data_dir: str = "./data"  # torchvision's root: <data_dir>/FashionMNIST/raw/...
+    dataset: str = "fashion"  # fashion | mnist | cifar10 | stl10 | folder
+    data_dir: str = "./data"  # torchvision's root (<data_dir>/MNIST/raw/...), or the folder
+    image_size: int = 32  # stl10 and folder images are resized to it once (others keep theirs)
     out_dir: str = "out/pixelcnn-{dataset}"  # everything of the run
     arch: str = "gated"  # gated (vertical and horizontal stacks) | pixelcnn (the original)
     output: str = "softmax"  # softmax over --levels values per channel | logistic_mix (levels 256)
@@ -219,7 +276,7 @@ class Config:
     binarize: bool = False  # x ~ Bernoulli(pixel / 255), fresh each batch, test split once; sets levels 2
     n_mix: int = 5  # logistic mixture components (logistic_mix)
     conditional: bool = False  # a learned class bias in every layer; samples.png: class by column
-    hidden: int = 96  # channels p of each stack (on cifar10 a multiple of 3: the R/G/B groups)
+    hidden: int = 96  # channels p of each stack (on RGB a multiple of 3: the R/G/B groups)
     n_layers: int = 12  # gated layers (gated) or residual blocks (pixelcnn)
     kernel: int = 5  # k of the k x k masked convs (odd); pixelcnn's first conv is 7x7
     max_steps: int = 20000  # optimizer steps
@@ -238,11 +295,12 @@ class Config:
     test_images: int = None  # the first N test images for test_bpd; 0: all
     fid_samples: int = None  # samples for FID / precision / recall; 0 skips them
 
-DATASETS = {"fashion": "FashionMNIST", "mnist": "MNIST", "cifar10": "CIFAR10"}
+DATASETS = {"fashion": "FashionMNIST", "mnist": "MNIST", "cifar10": "CIFAR10", "stl10": "STL10",
+            "folder": None}  # folder: the images under --data_dir
 CHOICES = {"dataset": tuple(DATASETS), "dtype": ("float32", "bfloat16"),
            "arch": ("gated", "pixelcnn"), "output": ("softmax", "logistic_mix")}
-ARCH = ("dataset", "arch", "output", "levels", "binarize", "n_mix", "conditional", "hidden",
-        "n_layers", "kernel")
+ARCH = ("dataset", "image_size", "arch", "output", "levels", "binarize", "n_mix", "conditional",
+        "hidden", "n_layers", "kernel")
 # Config fields left None: (on CUDA, elsewhere)
 BY_DEVICE = {"test_images": (0, 1000), "fid_samples": (2000, 200)}
 
@@ -251,8 +309,8 @@ def check(cfg):  # what setup's generic checks cannot know: each would give wron
         cfg.levels = 2  # black or white: a Bernoulli per pixel, as a 2-way softmax
     if not 2 <= cfg.levels <= 256 or (cfg.output == "logistic_mix" and cfg.levels != 256):
         fail(f"--levels must be in 2..256, and 256 for --output logistic_mix; got {cfg.levels}")
-    if cfg.dataset == "cifar10" and cfg.hidden % 3:
-        fail(f"--hidden must be a multiple of 3 on cifar10 (the R/G/B groups), got {cfg.hidden}")
+    if cfg.dataset not in ("mnist", "fashion") and cfg.hidden % 3:
+        fail(f"--hidden must be a multiple of 3 on RGB images (the R/G/B groups), got {cfg.hidden}")
     if cfg.n_samples < 1:
         fail(f"--n_samples must be >= 1, got {cfg.n_samples}")
 
@@ -382,12 +440,12 @@ def main():  # the command line; a batch too big for the memory is a one-line er
 def train(cfg: Config) -> dict:
     device, ckpt = setup(cfg)
     check(cfg)
-    x_train, y_train = (t.to(device) for t in load_split(cfg.dataset, cfg.data_dir, train=True))
-    x_test, y_test = (t.to(device) for t in load_split(cfg.dataset, cfg.data_dir, train=False))
+    x_train, y_train = (t.to(device) for t in load_split(cfg, train=True))
+    x_test, y_test = (t.to(device) for t in load_split(cfg, train=False))
     if cfg.binarize:  # the test split binarized once, with a fixed seed: the same in every run
         x_test = binarize(x_test, torch.Generator(device).manual_seed(0))
     torch.manual_seed(cfg.seed + RANK)  # DDP gives every rank rank 0's initial weights
-    model = Model(cfg, x_train.shape[1:]).to(device)
+    model = Model(cfg, x_train.shape[1:], int(y_train.max()) + 1).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)  # the Polyak average (both official codes)
     params, ema_params = list(model.parameters()), list(ema.parameters())
     opt = torch.optim.Adam(params, lr=cfg.lr, fused=True)

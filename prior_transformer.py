@@ -211,8 +211,8 @@ def numbers(s):  # the type of a comma-separated flag: "0.7,1" -> (0.7, 1.0)
 
 @dataclasses.dataclass
 class Config:
-    dataset: str = "fashion"  # whose codes: fashion | mnist | cifar10
-    data_dir: str = "./data"  # the real images, for the metrics only (FID against the test split)
+    dataset: str = "fashion"  # whose codes: fashion | mnist | cifar10 | stl10 | folder
+    data_dir: str = "./data"  # the real images (or the folder), for the metrics only (FID)
     codes: str = "out/vqvae-{dataset}/codes.pt"  # written by vqvae.py
     out_dir: str = "out/prior_transformer-{dataset}"  # everything of the run
     arch: str = "gpt"  # gpt (Transformer) | lstm (recurrent baseline)
@@ -249,8 +249,8 @@ class Config:
     sweep_top_k: numbers = (0, 64, 16)  # comma-separated; 0: all codes
     sweep_samples: int = 2000  # decoded samples per sweep point
 
-CHOICES = {"dataset": ("fashion", "mnist", "cifar10"), "dtype": ("float32", "bfloat16"),
-           "arch": ("gpt", "lstm")}
+CHOICES = {"dataset": ("fashion", "mnist", "cifar10", "stl10", "folder"),
+           "dtype": ("float32", "bfloat16"), "arch": ("gpt", "lstm")}
 ARCH = ("arch", "n_layer", "n_head", "n_embd", "conditional", "val_fraction")  # fixed by ckpt.pt
 BY_DEVICE = {}  # Config fields left None: (on CUDA, elsewhere)
 
@@ -380,7 +380,7 @@ def main():  # the command line; a batch too big for the memory is a one-line er
 def train(cfg: Config) -> dict:
     device, ckpt = setup(cfg)
     codes, vq = load_codes(cfg, device)  # codes [N, H, W] and labels [N], all on the device
-    n_classes = 10 if cfg.conditional else 0  # fashion, mnist and cifar10 have 10 classes
+    n_classes = int(codes["train_labels"].max()) + 1 if cfg.conditional else 0  # or subfolders
     meta = {k: codes[k] for k in ("codebook_size", "grid", "vqvae_sha256")}  # what this prior fits
     if ckpt and ckpt["meta"] != meta:
         fail(f"{cfg.out_dir}/ckpt.pt was trained on other codes: {ckpt['meta']}, not {meta}")

@@ -7,18 +7,21 @@ gaussian_learned_sigma (Rybkin et al. 2021) or logistic (default), 256 discretiz
 """
 import argparse
 import dataclasses
+import hashlib
 import inspect
 import json
 import math
 import os
 import re
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from PIL import Image, ImageOps  # torchvision's dependency
 
 # --------------------------------------------------------------------------- model
 class VAE(nn.Module):
@@ -89,15 +92,67 @@ def discretized_logistic_logp(x, mean, log_scale):  # of 8-bit x in [0, 1] (Sali
     return torch.where(x < -0.999, F.logsigmoid(plus), log_inner)  # bin 0 takes (-inf, edge]
 
 # --------------------------------------------------------------------------- data, evaluation, samples
-def load_split(dataset, data_dir, train):  # the split as one uint8 tensor [N, C, H, W], labels [N]
+def load_split(cfg, train):  # the split as one uint8 tensor [N, C, H, W], labels [N]
+    if cfg.dataset == "folder":
+        return hold_out_test(*read_folder(cfg), train)
+    stl10 = f"{cfg.data_dir}/stl10_binary/{'train' if train else 'test'}_%s.bin"  # torchvision's
     try:
-        ds = getattr(torchvision.datasets, DATASETS[dataset])(data_dir, train=train, download=True)
+        if cfg.dataset != "stl10":
+            Set = getattr(torchvision.datasets, DATASETS[cfg.dataset])  # MNIST, CIFAR10, ...
+            ds = Set(cfg.data_dir, train, download=True)
+        elif not os.path.exists(stl10 % "y"):
+            torchvision.datasets.STL10(cfg.data_dir, "train" if train else "test", download=True)
     except Exception as e:  # not in data_dir, and no network ("urlopen error") or another failure
         why = "no network" if "urlopen error" in str(e) else type(e).__name__
-        fail(f"no {dataset} in --data_dir {data_dir} and its download failed ({why})")
+        fail(f"no {cfg.dataset} in --data_dir {cfg.data_dir} and its download failed ({why})")
+    if cfg.dataset == "stl10":  # 96x96 RGB, each image stored column by column; labels 1..10
+        x = torch.from_numpy(np.fromfile(stl10 % "X", np.uint8)).view(-1, 3, 96, 96).transpose(2, 3)
+        y = torch.from_numpy(np.fromfile(stl10 % "y", np.uint8)).long() - 1
+        return resize(x, cfg.image_size), y
     x = torch.as_tensor(ds.data)
-    x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)  # MNIST [N, H, W]; CIFAR [N, H, W, C]
+    x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)  # MNIST: [N, H, W]; CIFAR: NHWC
     return x.contiguous(), torch.as_tensor(ds.targets)
+
+def resize(x, size):  # uint8 [N, C, h, w] -> [N, C, size, size], antialiased bicubic, in chunks
+    chunks = [nn.functional.interpolate(xb.float(), size, mode="bicubic", antialias=True)
+              for xb in x.split(500)]
+    return torch.cat(chunks).round().clamp(0, 255).byte()
+
+def read_folder(cfg):  # the images under --data_dir, squared: [N, 3, S, S]; a label per subfolder
+    root = Path(cfg.data_dir)
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    if len(files) < 10:  # a tenth is the test split
+        fail(f"--dataset folder needs 10 or more .png or .jpg files in --data_dir {root}; "
+             f"found {len(files)}")
+    listing = [(str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    stamp = hashlib.sha256(repr(listing).encode()).hexdigest()  # a changed folder: a new cache
+    where = root if os.access(root, os.W_OK) else Path(cfg.out_dir)  # a read-only folder
+    cache = where / f"images-{cfg.image_size}px.pt"
+    old = torch.load(cache, weights_only=True) if cache.exists() else {}
+    if old.get("stamp") == stamp:
+        return old["x"], old["y"]
+    label = {d: i for i, d in enumerate(sorted({p.parent for p in files}))}  # no subfolders: all 0
+    x = torch.stack([square(p, cfg.image_size) for p in progress(cfg, "reading images", files)])
+    y = torch.tensor([label[p.parent] for p in files])
+    where.mkdir(parents=True, exist_ok=True)
+    torch.save({"stamp": stamp, "x": x, "y": y}, f"{cache}.{os.getpid()}.tmp")
+    os.replace(f"{cache}.{os.getpid()}.tmp", cache)  # atomic: never a half-written cache
+    log(cfg, f"read {len(x)} images in {len(label)} classes; cached in {cache}")
+    return x, y
+
+def square(path, size):  # an image file -> its centre square, resized: uint8 [3, size, size]
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.fit(im.convert("RGB"), (size, size), Image.Resampling.BICUBIC)
+    except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+        fail(f"cannot read the image {path} ({type(e).__name__}); remove or replace it")
+    return torch.from_numpy(np.array(im)).permute(2, 0, 1)  # [H, W, 3] -> [3, H, W]
+
+def hold_out_test(x, y, train):  # a seeded tenth of the folder (at most 10,000) is the test split
+    test = torch.zeros(len(x), dtype=torch.bool)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    test[order[:min(10000, len(x) // 10)]] = True
+    return (x[~test], y[~test]) if train else (x[test], y[test])
 
 def to_input(x, cfg, generator=None):  # uint8 -> [0, 1]; --binarize: a fresh Bernoulli draw
     x = x.float() / 255
@@ -147,8 +202,9 @@ def save_samples(model, x_test, cfg, n=0):  # recon.png, samples.png; n more -> 
 
 @dataclasses.dataclass
 class Config:
-    dataset: str = "fashion"  # fashion | mnist | cifar10
-    data_dir: str = "./data"  # torchvision's root: <data_dir>/FashionMNIST/raw/...
+    dataset: str = "fashion"  # fashion | mnist | cifar10 | stl10 | folder
+    data_dir: str = "./data"  # torchvision's root (<data_dir>/MNIST/raw/...), or the folder
+    image_size: int = 32  # stl10 and folder images are resized to it once (others keep theirs)
     out_dir: str = "out/vae-{dataset}"  # everything of the run
     likelihood: str = "logistic"  # p(x|z), see the docstring
     binarize: bool = False  # binarize every batch anew (with bernoulli: binarized MNIST)
@@ -173,10 +229,12 @@ class Config:
     n_samples: int = 64  # images in samples.png
     fid_samples: int = 10000  # samples for FID / precision / recall; 0 skips them
 
-DATASETS = {"fashion": "FashionMNIST", "mnist": "MNIST", "cifar10": "CIFAR10"}
+DATASETS = {"fashion": "FashionMNIST", "mnist": "MNIST", "cifar10": "CIFAR10", "stl10": "STL10",
+            "folder": None}  # folder: the images under --data_dir
 CHOICES = {"dataset": tuple(DATASETS), "dtype": ("float32", "bfloat16"),
            "likelihood": ("bernoulli", "gaussian_fixed_sigma", "gaussian_learned_sigma", "logistic")}
-ARCH = ("dataset", "likelihood", "binarize", "sigma", "latent_dim", "hidden")  # fixed by ckpt.pt
+ARCH = ("dataset", "image_size", "likelihood", "binarize", "sigma", "latent_dim",
+        "hidden")  # fixed by ckpt.pt
 BY_DEVICE = {"iwae_images": (0, 500)}  # Config fields left None: (on CUDA, elsewhere)
 
 # -------------------------------------------------------------- scaffolding, the same in every model file
@@ -304,8 +362,10 @@ def main():  # the command line; a batch too big for the memory is a one-line er
 # --------------------------------------------------------------------------- training
 def train(cfg: Config) -> dict:
     device, ckpt = setup(cfg)
-    x_train = load_split(cfg.dataset, cfg.data_dir, train=True)[0].to(device)  # all on the device
-    x_test = load_split(cfg.dataset, cfg.data_dir, train=False)[0].to(device)
+    if cfg.dataset in ("stl10", "folder") and cfg.image_size % 4:
+        fail(f"--image_size must be a multiple of 4 (two stride-2 convolutions), not {cfg.image_size}")
+    x_train = load_split(cfg, train=True)[0].to(device)  # all on the device
+    x_test = load_split(cfg, train=False)[0].to(device)
     if cfg.binarize:  # the test split binarized once, with a fixed seed: the same in every run
         x_test = (to_input(x_test, cfg, torch.Generator(device).manual_seed(0)) * 255).byte()
     torch.manual_seed(cfg.seed + RANK)  # DDP gives every rank rank 0's initial weights

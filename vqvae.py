@@ -1,8 +1,9 @@
-"""VQ-VAE (van den Oord et al. 2017): a residual conv encoder maps an image (28x28 padded to 32x32)
-to an 8x8 grid of vectors z, each replaced by the nearest of K codebook vectors e (straight-through)
-and a decoder maps the grid back. Loss (eq. 3): MSE + ||sg(z) - e||^2 + beta ||z - sg(e)||^2; --ema
-(default) learns e by moving averages instead (app. A.1). Deviations: MSE on [-1, 1] pixels, warmup
-and cosine lr, codes unused for 20 steps re-seeded. prior_transformer.py models its codes.pt.
+"""VQ-VAE (van den Oord et al. 2017): a residual conv encoder maps an image (28x28 padded to 32x32;
+64x64 halved once more) to an 8x8 grid of vectors z, each replaced by the nearest of K codebook
+vectors e (straight-through) and a decoder maps the grid back. Loss (eq. 3): MSE + ||sg(z) - e||^2
++ beta ||z - sg(e)||^2; --ema (default) learns e by moving averages instead (app. A.1).
+Deviations: MSE on [-1, 1] pixels, warmup and cosine lr, codes unused for 20 steps re-seeded.
+prior_transformer.py models its codes.pt.
     python vqvae.py --dataset mnist --data_dir ../shared/data
 """
 import argparse
@@ -14,12 +15,14 @@ import math
 import os
 import re
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from PIL import Image, ImageOps  # torchvision's dependency
 
 # --------------------------------------------------------------------------- model
 class VectorQuantizer(nn.Module):  # nearest of K codes, straight-through, EMA codebook, restarts
@@ -75,12 +78,16 @@ class ResBlock(nn.Sequential):  # x + conv1x1(relu(conv3x3(relu(x)))), the paper
 class VQVAE(nn.Module):  # encoder -> VectorQuantizer -> decoder, on uint8 images
     def __init__(self, cfg):
         super().__init__()
-        channels = 3 if cfg.dataset == "cifar10" else 1
-        self.pad = 2 if channels == 1 else 0  # 28x28 is padded to 32x32, then halved twice to 8x8
+        grey = cfg.dataset in ("mnist", "fashion")
+        channels = 1 if grey else 3
+        self.pad = 2 if grey else 0  # 28x28 is padded to 32x32
+        size = 32 if grey or cfg.dataset == "cifar10" else cfg.image_size  # after the padding
         h, r = cfg.hidden, cfg.res_hidden
-        down = [nn.Conv2d(channels, h, 4, 2, 1), nn.ReLU(), nn.Conv2d(h, h, 4, 2, 1), nn.ReLU()]
-        up = [nn.ReLU(), nn.ConvTranspose2d(h, h, 4, 2, 1),
-              nn.ReLU(), nn.ConvTranspose2d(h, channels, 4, 2, 1)]  # 8x8 -> 16x16 -> 32x32
+        down = [nn.Conv2d(channels, h, 4, 2, 1), nn.ReLU()]
+        up = [nn.ReLU(), nn.ConvTranspose2d(h, channels, 4, 2, 1)]
+        for _ in range(int(math.log2(size // 8)) - 1):  # halved to 8x8: twice at 32, 3x at 64
+            down += [nn.Conv2d(h, h, 4, 2, 1), nn.ReLU()]
+            up = [nn.ReLU(), nn.ConvTranspose2d(h, h, 4, 2, 1)] + up  # 8x8 -> 16x16 -> ...
         self.encoder = nn.Sequential(*down, nn.Conv2d(h, h, 3, 1, 1), ResBlock(h, r),
                                      ResBlock(h, r), nn.ReLU(), nn.Conv2d(h, cfg.code_dim, 1))
         self.decoder = nn.Sequential(nn.Conv2d(cfg.code_dim, h, 3, 1, 1), ResBlock(h, r),
@@ -106,15 +113,67 @@ class VQVAE(nn.Module):  # encoder -> VectorQuantizer -> decoder, on uint8 image
         return self.decode_codes(codes.gather(0, i))  # from that position of a random grid in codes
 
 # --------------------------------------------------------------------------- data, evaluation, samples
-def load_split(dataset, data_dir, train):  # the split as one uint8 tensor [N, C, H, W], labels [N]
+def load_split(cfg, train):  # the split as one uint8 tensor [N, C, H, W], labels [N]
+    if cfg.dataset == "folder":
+        return hold_out_test(*read_folder(cfg), train)
+    stl10 = f"{cfg.data_dir}/stl10_binary/{'train' if train else 'test'}_%s.bin"  # torchvision's
     try:
-        ds = getattr(torchvision.datasets, DATASETS[dataset])(data_dir, train=train, download=True)
+        if cfg.dataset != "stl10":
+            Set = getattr(torchvision.datasets, DATASETS[cfg.dataset])  # MNIST, CIFAR10, ...
+            ds = Set(cfg.data_dir, train, download=True)
+        elif not os.path.exists(stl10 % "y"):
+            torchvision.datasets.STL10(cfg.data_dir, "train" if train else "test", download=True)
     except Exception as e:  # not in data_dir, and no network ("urlopen error") or another failure
         why = "no network" if "urlopen error" in str(e) else type(e).__name__
-        fail(f"no {dataset} in --data_dir {data_dir} and its download failed ({why})")
+        fail(f"no {cfg.dataset} in --data_dir {cfg.data_dir} and its download failed ({why})")
+    if cfg.dataset == "stl10":  # 96x96 RGB, each image stored column by column; labels 1..10
+        x = torch.from_numpy(np.fromfile(stl10 % "X", np.uint8)).view(-1, 3, 96, 96).transpose(2, 3)
+        y = torch.from_numpy(np.fromfile(stl10 % "y", np.uint8)).long() - 1
+        return resize(x, cfg.image_size), y
     x = torch.as_tensor(ds.data)
-    x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)  # MNIST [N, H, W]; CIFAR [N, H, W, C]
+    x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)  # MNIST: [N, H, W]; CIFAR: NHWC
     return x.contiguous(), torch.as_tensor(ds.targets)
+
+def resize(x, size):  # uint8 [N, C, h, w] -> [N, C, size, size], antialiased bicubic, in chunks
+    chunks = [nn.functional.interpolate(xb.float(), size, mode="bicubic", antialias=True)
+              for xb in x.split(500)]
+    return torch.cat(chunks).round().clamp(0, 255).byte()
+
+def read_folder(cfg):  # the images under --data_dir, squared: [N, 3, S, S]; a label per subfolder
+    root = Path(cfg.data_dir)
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    if len(files) < 10:  # a tenth is the test split
+        fail(f"--dataset folder needs 10 or more .png or .jpg files in --data_dir {root}; "
+             f"found {len(files)}")
+    listing = [(str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    stamp = hashlib.sha256(repr(listing).encode()).hexdigest()  # a changed folder: a new cache
+    where = root if os.access(root, os.W_OK) else Path(cfg.out_dir)  # a read-only folder
+    cache = where / f"images-{cfg.image_size}px.pt"
+    old = torch.load(cache, weights_only=True) if cache.exists() else {}
+    if old.get("stamp") == stamp:
+        return old["x"], old["y"]
+    label = {d: i for i, d in enumerate(sorted({p.parent for p in files}))}  # no subfolders: all 0
+    x = torch.stack([square(p, cfg.image_size) for p in progress(cfg, "reading images", files)])
+    y = torch.tensor([label[p.parent] for p in files])
+    where.mkdir(parents=True, exist_ok=True)
+    torch.save({"stamp": stamp, "x": x, "y": y}, f"{cache}.{os.getpid()}.tmp")
+    os.replace(f"{cache}.{os.getpid()}.tmp", cache)  # atomic: never a half-written cache
+    log(cfg, f"read {len(x)} images in {len(label)} classes; cached in {cache}")
+    return x, y
+
+def square(path, size):  # an image file -> its centre square, resized: uint8 [3, size, size]
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.fit(im.convert("RGB"), (size, size), Image.Resampling.BICUBIC)
+    except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+        fail(f"cannot read the image {path} ({type(e).__name__}); remove or replace it")
+    return torch.from_numpy(np.array(im)).permute(2, 0, 1)  # [H, W, 3] -> [3, H, W]
+
+def hold_out_test(x, y, train):  # a seeded tenth of the folder (at most 10,000) is the test split
+    test = torch.zeros(len(x), dtype=torch.bool)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    test[order[:min(10000, len(x) // 10)]] = True
+    return (x[~test], y[~test]) if train else (x[test], y[test])
 
 @torch.inference_mode()
 def evaluate(model, x_test, cfg, n=0):  # the whole split; recon.png, samples_independent.png, npz
@@ -146,8 +205,8 @@ def write_codes(model, cfg, x_train, x_test):  # codes.pt, what prior_transforme
     codes = {"format": "vqvae-codes-v1", "dataset": cfg.dataset, "codebook_size": cfg.codebook_size,
              "grid": [8, 8], "train": encode(x_train), "test": encode(x_test),
              "train_flip": None if cfg.dataset == "mnist" else encode(x_train.flip(-1)),  # mirrored
-             "train_labels": load_split(cfg.dataset, cfg.data_dir, train=True)[1],  # int64 [N]
-             "test_labels": load_split(cfg.dataset, cfg.data_dir, train=False)[1],
+             "train_labels": load_split(cfg, train=True)[1],  # int64 [N]
+             "test_labels": load_split(cfg, train=False)[1],
              "vqvae_ckpt": os.path.abspath(ckpt), "vqvae_sha256": file_fingerprint(ckpt)}
     torch.save(codes, f"{cfg.out_dir}/codes.tmp")
     os.replace(f"{cfg.out_dir}/codes.tmp", f"{cfg.out_dir}/codes.pt")  # never half-written
@@ -167,8 +226,9 @@ def load_vqvae(ckpt_path, device="cpu"):  # for prior_transformer.py: ckpt.pt's 
 
 @dataclasses.dataclass
 class Config:
-    dataset: str = "fashion"  # fashion | mnist | cifar10
-    data_dir: str = "./data"  # torchvision's root: <data_dir>/FashionMNIST/raw/...
+    dataset: str = "fashion"  # fashion | mnist | cifar10 | stl10 | folder
+    data_dir: str = "./data"  # torchvision's root (<data_dir>/MNIST/raw/...), or the folder
+    image_size: int = 32  # stl10 and folder images are resized to it once (others keep theirs)
     out_dir: str = "out/vqvae-{dataset}"  # everything of the run
     hidden: int = 128  # channels of the convolutions
     res_hidden: int = 64  # channels inside a residual block
@@ -191,9 +251,11 @@ class Config:
     n_samples: int = 64  # images in samples_independent.png
     fid_samples: int = 10000  # test reconstructions (and independent samples) scored; 0 skips
 
-DATASETS = {"fashion": "FashionMNIST", "mnist": "MNIST", "cifar10": "CIFAR10"}
+DATASETS = {"fashion": "FashionMNIST", "mnist": "MNIST", "cifar10": "CIFAR10", "stl10": "STL10",
+            "folder": None}  # folder: the images under --data_dir
 CHOICES = {"dataset": tuple(DATASETS), "dtype": ("float32", "bfloat16")}
-ARCH = ("dataset", "hidden", "res_hidden", "codebook_size", "code_dim", "ema")  # fixed by ckpt.pt
+ARCH = ("dataset", "image_size", "hidden", "res_hidden", "codebook_size", "code_dim",
+        "ema")  # fixed by ckpt.pt
 BY_DEVICE = {}  # Config fields left None: (on CUDA, elsewhere)
 
 # -------------------------------------------------------------- scaffolding, the same in every model file
@@ -321,8 +383,10 @@ def main():  # the command line; a batch too big for the memory is a one-line er
 # --------------------------------------------------------------------------- training
 def train(cfg: Config) -> dict:
     device, ckpt = setup(cfg)
-    x_train = load_split(cfg.dataset, cfg.data_dir, train=True)[0].to(device)  # all on the device
-    x_test = load_split(cfg.dataset, cfg.data_dir, train=False)[0].to(device)
+    if cfg.dataset in ("stl10", "folder") and cfg.image_size not in (16, 32, 64, 128):
+        fail(f"--image_size must be 16, 32, 64 or 128 (halved to an 8x8 grid), not {cfg.image_size}")
+    x_train = load_split(cfg, train=True)[0].to(device)  # all on the device
+    x_test = load_split(cfg, train=False)[0].to(device)
     torch.manual_seed(cfg.seed + RANK)  # DDP gives every rank rank 0's initial weights
     model = VQVAE(cfg).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)  # the EMA codebook has no gradient

@@ -270,9 +270,9 @@ def test_missing_data_says_when_the_download_failed_for_lack_of_network(module, 
                            "<urlopen error [Errno -2] Name or service not known>\n")
     monkeypatch.setattr(mod.torchvision.datasets, "MNIST", offline)
     with pytest.raises(SystemExit, match=r"no mnist in --data_dir \S+ and its download failed \(no network\)"):
-        mod.load_split("mnist", str(tmp_path), train=True)
+        mod.load_split(mod.Config(dataset="mnist", data_dir=str(tmp_path)), train=True)
     def broken(*a, **k):
         raise ValueError("a corrupt file")
     monkeypatch.setattr(mod.torchvision.datasets, "MNIST", broken)
     with pytest.raises(SystemExit, match=r"its download failed \(ValueError\)"):
-        mod.load_split("mnist", str(tmp_path), train=True)
+        mod.load_split(mod.Config(dataset="mnist", data_dir=str(tmp_path)), train=True)

@@ -285,7 +285,7 @@ def test_train_in_process_writes_everything_and_checkpoint_round_trips(data_dir,
     cfg = glow.Config(**ckpt["config"])  # the checkpoint alone rebuilds the model
     model = glow.Glow(cfg, (1, 28, 28))
     model.load_state_dict(ckpt["ema"])  # the Polyak average is what train() evaluates
-    x_test, _ = glow.load_split("fashion", str(data_dir), train=False)
+    x_test, _ = glow.load_split(glow.Config(dataset="fashion", data_dir=str(data_dir)), train=False)
     assert glow.evaluate(model, x_test, cfg)["test_bpd"] == pytest.approx(res["test_bpd"], abs=1e-6)
     again = glow.train(run_cfg(data_dir, tmp_path, dataset="fashion", eval_only=True))
     assert again["test_bpd"] == pytest.approx(res["test_bpd"], abs=1e-6) and again["steps"] == 6
@@ -295,8 +295,8 @@ def test_short_run_learns(data_dir, tmp_path):
     cfg = run_cfg(data_dir, tmp_path, max_steps=40, eval_every=100, lr=3e-3, warmup_steps=5)
     torch.manual_seed(cfg.seed)  # the same init as train() makes, evaluated before any step
     model = glow.Glow(cfg, (1, 28, 28))
-    x_train, _ = glow.load_split("mnist", str(data_dir), train=True)
-    x_test, _ = glow.load_split("mnist", str(data_dir), train=False)
+    x_train, _ = glow.load_split(glow.Config(dataset="mnist", data_dir=str(data_dir)), train=True)
+    x_test, _ = glow.load_split(glow.Config(dataset="mnist", data_dir=str(data_dir)), train=False)
     model.data_init(x_train[:256])
     before = glow.evaluate(model, x_test, cfg)["test_bpd"]
     after = glow.train(cfg)["test_bpd"]
@@ -320,7 +320,7 @@ def initial_weights(cfg, data_dir):
     """The weights train(cfg) starts from: its seed, then ActNorm's data-dependent init on the first 256 images."""
     torch.manual_seed(cfg.seed)
     model = glow.Glow(cfg, (1, 28, 28))
-    model.data_init(glow.load_split(cfg.dataset, str(data_dir), train=True)[0][:256])
+    model.data_init(glow.load_split(glow.Config(dataset=cfg.dataset, data_dir=str(data_dir)), train=True)[0][:256])
     return model
 
 
@@ -341,7 +341,7 @@ def test_polyak_average_is_what_is_evaluated_and_follows_the_decay(data_dir, tmp
         assert torch.allclose(avg[k], 0.1 * v + 0.9 * w1[k], rtol=0, atol=1e-6), k
         moved += not torch.equal(w1[k], v)
     assert moved > 10  # the step changed the weights, so the average is not trivially w0 = w1
-    x_test, _ = glow.load_split("mnist", str(data_dir), train=False)
+    x_test, _ = glow.load_split(glow.Config(dataset="mnist", data_dir=str(data_dir)), train=False)
     score, models = {}, {}
     for name in ("ema", "model"):
         models[name] = glow.Glow(glow.Config(**ckpt["config"]), (1, 28, 28))

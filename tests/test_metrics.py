@@ -213,12 +213,12 @@ def test_classifier_learns_synthetic_classes_and_is_cached(mnist_net, data_dir, 
     # again, as a fresh process would: everything comes from the cache files, nothing is retrained
     net2, ref2, logs2 = feature_net_and_stdout("mnist", data_dir, "cpu", "classifier", str(cache))
     assert logs2 == "" and ref2["classifier_test_acc"] == ref["classifier_test_acc"]
-    x, _ = metrics.load_split("mnist", data_dir, train=False)
+    x, _ = metrics.load_split(metrics.real("mnist", data_dir), train=False)
     assert torch.equal(metrics.extract(net2, x[:10], "cpu")[0], metrics.extract(net, x[:10], "cpu")[0])
 
 
 def test_classifier_cached_by_an_earlier_version_is_used(data_dir, tmp_path):
-    x, y = metrics.load_split("mnist", data_dir, train=True)
+    x, y = metrics.load_split(metrics.real("mnist", data_dir), train=True)
     torch.manual_seed(0)
     old = {"model": metrics.Classifier(1, 28).state_dict(), "test_acc": 0.5,  # the earlier file's keys
            "train_fingerprint": metrics.fingerprint(x, y), "version": "v1"}
@@ -250,7 +250,7 @@ def test_cache_root_falls_back_when_data_dir_read_only(tmp_path, monkeypatch):
 
 
 def test_evaluate_keys_and_real_vs_synthetic_noise(mnist_net, data_dir, cache):
-    x, _ = metrics.load_split("mnist", data_dir, train=True)
+    x, _ = metrics.load_split(metrics.real("mnist", data_dir), train=True)
     res = metrics.evaluate(x[:300], "mnist", data_dir, "cpu", cache_dir=str(cache), kid_subsets=10)
     assert set(res) == {"fid", "kid", "kid_std", "precision", "recall", "density", "coverage",
                         "classifier_score", "fid_features", "n"}
@@ -262,7 +262,7 @@ def test_evaluate_keys_and_real_vs_synthetic_noise(mnist_net, data_dir, cache):
 
 
 def test_evaluate_cifar10_layout(cifar_no_md5, data_dir, tmp_path):
-    x, y = metrics.load_split("cifar10", data_dir, train=True)
+    x, y = metrics.load_split(metrics.real("cifar10", data_dir), train=True)
     assert x.shape == (512, 3, 32, 32) and x.dtype == torch.uint8 and y.dtype == torch.int64
     res = metrics.evaluate(x[:64].numpy(), "cifar10", data_dir, "cpu", cache_dir=str(tmp_path), kid_subsets=5)
     assert res["n"] == 64 and np.isfinite(res["fid"]) and 0 <= res["precision"] <= 1
@@ -271,7 +271,7 @@ def test_evaluate_cifar10_layout(cifar_no_md5, data_dir, tmp_path):
 
 
 def test_cli_samples_and_real_vs_real(mnist_net, data_dir, cache, tmp_path, cli, capsys):
-    x, _ = metrics.load_split("mnist", data_dir, train=True)
+    x, _ = metrics.load_split(metrics.real("mnist", data_dir), train=True)
     np.savez(tmp_path / "samples.npz", images=x[:100].numpy())
     p = cli("metrics.py", "--dataset", "mnist", "--data_dir", data_dir, "--cache_dir", cache,
             "--samples", tmp_path / "samples.npz", "--device", "cpu")
@@ -370,7 +370,7 @@ def test_non_finite_features_and_bad_dataset():
 
 def test_bad_data_dir_and_cli_errors(tmp_path, cli, data_dir, cache):
     with pytest.raises(SystemExit, match=r"error: no mnist in --data_dir .*empty and its download failed"):
-        metrics.load_split("mnist", tmp_path / "empty", train=True)
+        metrics.load_split(metrics.real("mnist", tmp_path / "empty"), train=True)
     with pytest.raises(SystemExit, match="error: give exactly one of"):
         metrics.main(metrics.parse_args(["--dataset", "mnist"]))
     with pytest.raises(SystemExit, match="error: give exactly one of"):
@@ -397,6 +397,6 @@ def test_real_mnist_classifier_and_floor():
         pytest.skip("real MNIST not found (set MNIST_DIR)")
     net, ref = metrics.feature_net("mnist", data, torch.device("cpu"), "classifier")
     assert ref["classifier_test_acc"] >= 0.985  # measured 0.9887 (aim 0.99)
-    x, _ = metrics.load_split("mnist", data, train=True)
+    x, _ = metrics.load_split(metrics.real("mnist", data), train=True)
     res = metrics.evaluate(x[:10000], "mnist", data, "cpu")  # measured fid 2.09, precision 0.87, recall 0.89
     assert res["fid"] < 4 and res["precision"] > 0.8 and res["recall"] > 0.8 and res["classifier_score"] > 9

@@ -246,7 +246,7 @@ def test_training_batches_never_contain_a_validation_point(tmp_path, monkeypatch
         return real(self, x)
     monkeypatch.setattr(nice.NICE, "forward", recording)
     res = nice.train(cfg)
-    train, val = nice.hold_out(nice.load_split("moons", "", train=True)[0], cfg)
+    train, val = nice.hold_out(nice.load_split(nice.Config(dataset="moons", data_dir=""), train=True)[0], cfg)
     rows = {tuple(p) for p in torch.cat(seen).tolist()}
     assert len(seen) == 20 and len(rows) > 5000  # 20 batches of 512 points, almost all distinct
     assert not rows & {tuple(p) for p in val.tolist()}  # 10,000 points: 1,000 would be drawn otherwise
@@ -272,7 +272,7 @@ def test_the_reported_test_number_is_the_best_validation_model_and_resume_keeps_
     assert saved["val_bpd"] == min(curve.values()) and saved["steps"] == 60 and ck["step"] == 60
     assert saved["test_bpd"] == res["test_bpd"] == first["test_bpd"]  # the same weights, kept by --resume
     model = nice.NICE(nice.Config(**ck["config"]), 784)
-    x_test = nice.load_split("mnist", str(data_dir), train=False)[0]
+    x_test = nice.load_split(nice.Config(dataset="mnist", data_dir=str(data_dir)), train=False)[0]
     model.load_state_dict(ck["best"]["model"])
     assert nice.evaluate(model, x_test, nice.Config(**ck["config"]))["test_bpd"] == saved["test_bpd"]
     model.load_state_dict(ck["model"])  # the last weights: worse, and not the ones reported

@@ -365,7 +365,7 @@ def test_evaluation_uses_the_ema_weights_which_survive_resume(data_dir, tmp_path
     res = pixelcnn.train(Config(**base, out_dir=str(tmp_path / "a"), max_steps=4))
     ckpt = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
     cfg = Config(**base, out_dir=str(tmp_path / "a"))
-    x, y = pixelcnn.load_split("mnist", str(data_dir), train=False)
+    x, y = pixelcnn.load_split(pixelcnn.Config(dataset="mnist", data_dir=str(data_dir)), train=False)
     scores = {}
     for key in ("ema", "model"):
         model = Model(cfg, (1, 28, 28))

@@ -143,7 +143,7 @@ def test_train_in_process_writes_codes_contract(tmp_path, data_dir):
     assert codes["train"].dtype == torch.int16 and codes["train_labels"].dtype == torch.int64
     assert codes["vqvae_sha256"] == vqvae.file_fingerprint(out / "ckpt.pt")
     assert codes["vqvae_ckpt"] == str((out / "ckpt.pt").resolve())
-    x_test, y_test = vqvae.load_split("mnist", str(data_dir), train=False)
+    x_test, y_test = vqvae.load_split(vqvae.Config(dataset="mnist", data_dir=str(data_dir)), train=False)
     assert torch.equal(codes["test_labels"], y_test)
     model = vqvae.load_vqvae(codes["vqvae_ckpt"], "cpu")  # round trip: the checkpoint re-encodes the same codes
     assert not model.training
@@ -162,8 +162,8 @@ def test_file_fingerprint_is_the_sha256_of_the_bytes(tmp_path):
 def test_training_learns_and_uses_codes(tmp_path, data_dir):
     cfg = tiny(tmp_path, data_dir, dataset="mnist", max_steps=150, batch_size=16, lr=3e-3, hidden=32,
                res_hidden=16, code_dim=8, eval_every=1000, log_every=1000)
-    x_train, _ = vqvae.load_split("mnist", str(data_dir), train=True)
-    x_test, _ = vqvae.load_split("mnist", str(data_dir), train=False)
+    x_train, _ = vqvae.load_split(vqvae.Config(dataset="mnist", data_dir=str(data_dir)), train=True)
+    x_test, _ = vqvae.load_split(vqvae.Config(dataset="mnist", data_dir=str(data_dir)), train=False)
     torch.manual_seed(cfg.seed)
     (tmp_path / "untrained").mkdir()
     untrained = vqvae.evaluate(VQVAE(cfg), x_test, dataclasses.replace(cfg, out_dir=str(tmp_path / "untrained")))
@@ -199,7 +199,7 @@ def test_cli_fashion_metrics_flip_codes_resume_and_eval_only(tmp_path, data_dir,
         npz = np.load(out / "samples.npz")
         assert npz["images"].shape == npz["independent"].shape == (64, 1, 28, 28)
     codes = torch.load(out / "codes.pt", weights_only=True)
-    x_train, _ = vqvae.load_split("fashion", str(data_dir), train=True)
+    x_train, _ = vqvae.load_split(vqvae.Config(dataset="fashion", data_dir=str(data_dir)), train=True)
     model = vqvae.load_vqvae(out / "ckpt.pt", "cpu")
     assert torch.equal(model.encode_codes(x_train.flip(-1)).to(torch.int16), codes["train_flip"])
     cfg = vqvae.parse_args([str(a) for a in base])  # the same run, continued in-process from step 4
