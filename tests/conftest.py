@@ -1,7 +1,8 @@
 """Shared test fixtures: small synthetic datasets written in torchvision's on-disk layout.
 
 Every end-to-end test goes through the real torchvision loaders (MNIST, FashionMNIST, CIFAR10) with no
-network: `data_dir` is a folder holding
+network (`stl10_dir` and `image_folder` below hold STL-10's binaries and a folder of images): `data_dir`
+is a folder holding
     MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte         (N_TRAIN / N_TEST images, 28x28)
     FashionMNIST/raw/... (same names)                              (N_TRAIN / N_TEST images, 28x28)
     cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}  (N_TRAIN / N_TEST images, 32x32x3)
@@ -124,3 +125,53 @@ def run_cli(script, *args, timeout=300):
 def cli():
     """cli("vae.py", "--dataset", "mnist", ...) -> CompletedProcess with .returncode, .stdout, .stderr."""
     return run_cli
+
+
+N_STL_TRAIN, N_STL_TEST = 60, 40
+
+
+def write_stl10_layout(root, seed):
+    """torchvision's STL-10 binaries: stl10_binary/{train,test}_X.bin (uint8 [N, 3, 96, 96], each
+    channel stored column by column) and {train,test}_y.bin (labels 1..10). Returns the images."""
+    folder = Path(root) / "stl10_binary"
+    folder.mkdir(parents=True)
+    images = {}
+    for split, n, s in (("train", N_STL_TRAIN, seed), ("test", N_STL_TEST, seed + 1)):
+        x, y = synthetic_images(n, 3, 96, s)  # [n, 96, 96, 3]
+        x[:, :8, :, 0] = 255  # a red band along the top: the layout's rows and columns are not symmetric
+        x.transpose(0, 3, 2, 1).tofile(folder / f"{split}_X.bin")  # [n, C, W, H]: column-major
+        (y + 1).astype(np.uint8).tofile(folder / f"{split}_y.bin")
+        images[split] = (x, y)
+    return images
+
+
+@pytest.fixture(scope="session")
+def stl10_dir(tmp_path_factory):
+    """A --data_dir with synthetic STL-10 (60 train, 40 test images, 96x96 RGB); .images: the arrays."""
+    root = tmp_path_factory.mktemp("stl10")
+    write_stl10_layout(root, seed=30)
+    return root
+
+
+def write_image_folder(root, n=80, classes=("cats", "dogs"), seed=40):
+    """n images in class subfolders (or in root itself when classes is empty), PNG and JPEG, of two sizes
+    and aspects (48x40 and 100x80), each class a template of synthetic_images."""
+    from PIL import Image
+
+    root = Path(root)
+    for i in range(n):
+        k = i % max(1, len(classes))
+        h, w = (48, 40) if i % 3 else (80, 100)
+        x, _ = synthetic_images(1, 3, max(h, w), seed + i)
+        x = np.ascontiguousarray(x[0, :h, :w])
+        x[..., k] = np.maximum(x[..., k], 80 + 100 * k)  # the class shows in one colour channel
+        folder = root / classes[k] if classes else root
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(x).save(folder / f"img{i:03d}.{'jpg' if i % 4 == 0 else 'png'}")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """A fresh (writable) folder of 80 images in two class subfolders, two sizes, PNG and JPEG."""
+    return write_image_folder(tmp_path / "faces")
