@@ -170,10 +170,10 @@ def square(path, size):  # an image file -> its centre square, resized: uint8 [3
     return torch.from_numpy(np.array(im)).permute(2, 0, 1)  # [H, W, 3] -> [3, H, W]
 
 def hold_out_test(x, y, train):  # a seeded tenth of the folder (at most 10,000) is the test split
-    test = torch.zeros(len(x), dtype=torch.bool)
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    test[order[:min(10000, len(x) // 10)]] = True
-    return (x[~test], y[~test]) if train else (x[test], y[test])
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))  # no runs of a class
+    n_test = min(10000, len(x) // 10)
+    i = order[n_test:] if train else order[:n_test]  # so the first N test images are a fair sample
+    return x[i], y[i]
 
 @torch.inference_mode()
 def evaluate(model, x_test, cfg, n=0):  # the whole split; recon.png, samples_independent.png, npz

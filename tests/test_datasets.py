@@ -81,6 +81,9 @@ def test_folder_squares_images_of_mixed_sizes_labels_subfolders_and_holds_out_a_
     assert not flat(x_train) & flat(x_test) and len(flat(x_train) | flat(x_test)) == 80
     again = vae.load_split(replace(cfg, seed=5), train=False)[0]
     assert torch.equal(again, x_test)
+    # both splits come in the seeded random order, not the files' (sorted by class): the first N test
+    # images, which pixelcnn, vae and vqvae score and show, are a fair sample of every class
+    assert (y_train[1:] < y_train[:-1]).any() and (y_train[1:] > y_train[:-1]).any()
 
 
 def test_folder_square_is_the_centre_crop(tmp_path):
